@@ -1,0 +1,130 @@
+"""``chatmail-metadata SOCKET CHATMAIL_INI``: the relay's dict server and notifier.
+
+The positional arguments are upstream's invocation, so an existing systemd unit
+keeps working.  Startup problems end with one clear line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, read_config
+from .database import DatabaseError, connect
+from .dictserver import bind_unix_socket, start_dict_server
+from .metadata import MetadataDict
+from .serverkeys import ServerKeys
+from .store import MetadataStore
+from .systemd import listen_fds, notify
+
+log = logging.getLogger("chatmail-metadata")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chatmail-metadata",
+        description="Dovecot dict server for IMAP METADATA, push-token store and new-mail "
+        "notifier of a chatmail relay.",
+    )
+    p.add_argument("socket", help="path of the dict Unix socket Dovecot connects to")
+    p.add_argument("config", help="chatmail.ini ([params] as upstream, optional [metadata])")
+    p.add_argument(
+        "--db",
+        type=Path,
+        help="SQLite database path (default: <mailboxes_dir>/"
+        "chatmail-metadata.sqlite3 or [metadata] database)",
+    )
+    p.add_argument(
+        "--socket-mode",
+        type=lambda s: int(s, 8),
+        default=None,
+        help="octal mode for the socket file, e.g. 0660 (default: keep the umask)",
+    )
+    p.add_argument(
+        "--delivery-dict",
+        default=None,
+        help="dict name (from proxy:...:NAME) that may trigger pushes with "
+        "messagenew; others are refused (default: [metadata] delivery_dict, else any)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO",
+    )
+    return p
+
+
+def load(args: argparse.Namespace) -> Config:
+    config = read_config(args.config)
+    if args.db is not None:
+        config.database = args.db
+    if args.delivery_dict:
+        config.delivery_dict = args.delivery_dict
+    if config.database is None and not config.mailboxes_dir.is_dir():
+        raise ConfigError(
+            f"mailboxes_dir {config.mailboxes_dir} does not exist (create it or pass --db)"
+        )
+    return config
+
+
+async def serve(config: Config, args: argparse.Namespace) -> int:
+    conn = connect(config.database_path, config.synchronous)
+    store = MetadataStore(conn)
+    backend = MetadataDict(
+        store,
+        ServerKeys(config),
+        limits=config.limits,
+        hook=None,
+        delivery_dict=config.delivery_dict,
+    )
+    fds = listen_fds()
+    if fds:
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(False)
+    else:
+        sock = bind_unix_socket(args.socket, args.socket_mode)
+    server, _stats = await start_dict_server(backend, sock, config.limits.max_line_bytes)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving dict on %s, database %s", args.socket, config.database_path)
+    notify("READY=1")
+    await stop.wait()
+    log.info("shutting down")
+    notify("STOPPING=1")
+    server.close()
+    await server.wait_closed()
+    conn.close()
+    if not fds:
+        with contextlib.suppress(OSError):
+            os.unlink(args.socket)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load(args)
+        return asyncio.run(serve(config, args))
+    except (ConfigError, DatabaseError) as exc:
+        print(f"chatmail-metadata: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"chatmail-metadata: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

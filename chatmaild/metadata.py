@@ -1,0 +1,245 @@
+"""What the dict keys mean: the ``mail_attribute_dict`` backend of a chatmail relay.
+
+:class:`MetadataDict` turns the events of :mod:`chatmaild.dictproto` into replies.
+Keys arrive as ``priv/<mailbox-guid>/<entry>`` or ``shared/<mailbox-guid>/<entry>``;
+identity always comes from the user field of ``L``/``I``/``B``, never from the GUID.
+
+Special entries, handled on top of the generic attribute store:
+
+* ``priv/<guid>/devicetoken``: set adds or refreshes a push token of the user,
+  unset removes the user's tokens, lookup answers the valid tokens space-joined.
+* ``priv/<guid>/messagenew``: written by the LMTP Lua hook on delivery; triggers the
+  new-mail hook (the notifier) and is never stored.
+* ``shared/<guid>/vendor/vendor.dovecot/pvt/server/vendor/deltachat/<name>``: the
+  read-only server keys of :mod:`chatmaild.serverkeys`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from . import dictproto as dp
+from .config import Limits
+from .serverkeys import SERVER_KEY_PREFIX, ServerKeys, server_key_name
+from .store import MetadataStore
+
+log = logging.getLogger(__name__)
+
+DEVICETOKEN = b"devicetoken"
+MESSAGENEW = b"messagenew"
+MAX_TOKEN_BYTES = 4096
+
+
+class NewMailHook(Protocol):
+    """Receives new-mail events inside the commit's SQLite transaction.
+
+    ``message_new`` runs before the ``C`` reply is sent and must only write through
+    ``conn`` (so its writes commit or roll back with the dict transaction);
+    ``committed`` runs after COMMIT, e.g. to wake worker threads.
+    """
+
+    def message_new(
+        self, conn: sqlite3.Connection, user: str, tokens: list[str], now: float
+    ) -> None: ...
+
+    def committed(self) -> None: ...
+
+
+class CommitRefused(Exception):
+    """A transaction that must be answered with ``F`` (the IMAP client gets ``NO``)."""
+
+
+def split_key(key: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """``ns/guid/rest`` for ``priv``/``shared`` keys, else None."""
+    parts = key.split(b"/", 2)
+    if len(parts) != 3 or parts[0] not in (b"priv", b"shared"):
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+def token_digest(token: str) -> str:
+    """Short, stable digest for logs: tokens are never logged in plaintext."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+class MetadataDict:
+    """The dict backend: lookups, iteration and atomic commits."""
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        server_keys: ServerKeys,
+        limits: Limits | None = None,
+        hook: NewMailHook | None = None,
+        delivery_dict: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.server_keys = server_keys
+        self.limits = limits or Limits()
+        self.hook = hook
+        self.delivery_dict = delivery_dict
+        self.clock = clock
+
+    # -- lookups ----------------------------------------------------------
+    def lookup(self, ev: dp.Lookup) -> bytes | Awaitable[bytes]:
+        """Reply bytes, or an awaitable of them when I/O is needed (TURN)."""
+        name = server_key_name(ev.key)
+        if name is not None:
+            if name == b"turn":
+                return self._turn_reply()
+            return dp.lookup_reply(self.server_keys.static_value(name))
+        parts = split_key(ev.key)
+        if parts is None:
+            return dp.lookup_reply(None)
+        ns, _guid, rest = parts
+        if ns == b"priv" and rest == DEVICETOKEN:
+            tokens = self.store.valid_tokens(ev.user, int(self.clock()))
+            return dp.lookup_reply(" ".join(tokens).encode() if tokens else None)
+        if ns == b"priv" and rest == MESSAGENEW:
+            return dp.lookup_reply(None)
+        return dp.lookup_reply(self.store.get_attribute(ev.user, ev.key))
+
+    async def _turn_reply(self) -> bytes:
+        return dp.lookup_reply(await self.server_keys.turn())
+
+    # -- iteration --------------------------------------------------------
+    def iterate(self, ev: dp.Iterate) -> bytes:
+        rows = self.store.iter_attributes(ev.user, ev.prefix)
+        rows.extend(self._virtual_rows(ev))
+        rows.sort()
+        return dp.iterate_reply(ev.prefix, rows, ev.flags, ev.max_rows)
+
+    def _virtual_rows(self, ev: dp.Iterate) -> list[tuple[bytes, bytes]]:
+        """Device tokens and server keys also show up in listings, like stored attributes."""
+        rows: list[tuple[bytes, bytes]] = []
+        want_values = not ev.flags & dp.ITER_NO_VALUE
+        if ev.prefix.startswith(b"priv/") or b"priv/".startswith(ev.prefix):
+            guids = self.store.token_guids(ev.user)
+            if guids:
+                value = b""
+                if want_values:
+                    value = " ".join(self.store.valid_tokens(ev.user, int(self.clock()))).encode()
+                for guid in guids:
+                    key = b"priv/" + guid.encode() + b"/" + DEVICETOKEN
+                    if key.startswith(ev.prefix) and guid:
+                        rows.append((key, value))
+        parts = ev.prefix.split(b"/", 2)
+        if len(parts) >= 2 and parts[0] == b"shared" and len(parts[1]) == 32:
+            base = b"shared/" + parts[1] + b"/" + SERVER_KEY_PREFIX
+            for name in sorted(n for n in (b"irohrelay", b"maxsmtprecipients", b"appversions")):
+                key = base + name
+                if key.startswith(ev.prefix):
+                    value = self.server_keys.static_value(name)
+                    if value is not None:
+                        rows.append((key, value if want_values else b""))
+        return rows
+
+    # -- transactions -----------------------------------------------------
+    def commit(self, ev: dp.Commit) -> bytes:
+        """Apply ``ev.ops`` in one SQLite transaction; ``O<id>`` or ``F<id>\\t<reason>``."""
+        notfound = False
+        new_mail = False
+        try:
+            with self.store.transaction() as conn:
+                notfound, new_mail = self._apply(conn, ev)
+        except CommitRefused as exc:
+            log.warning("commit refused for %s (dict %r): %s", ev.user, ev.dict_name, exc)
+            return dp.commit_reply(ev.txid, str(exc))
+        except sqlite3.Error as exc:
+            log.error("commit failed for %s: %s", ev.user, exc)
+            return dp.commit_reply(ev.txid, f"storage error: {exc}")
+        if new_mail and self.hook is not None:
+            self.hook.committed()
+        if notfound:
+            return dp.commit_notfound(ev.txid)
+        return dp.commit_reply(ev.txid)
+
+    def _apply(self, conn: sqlite3.Connection, ev: dp.Commit) -> tuple[bool, bool]:
+        user = ev.user
+        now = self.clock()
+        notfound = False
+        new_mail = False
+        generic_sets = False
+        for op in ev.ops:
+            parts = split_key(op.key)
+            if parts is None:
+                raise CommitRefused(f"unsupported key {op.key[:80]!r}")
+            ns, guid, rest = parts
+            if server_key_name(op.key) is not None:
+                if isinstance(op, dp.UnsetOp):
+                    continue
+                raise CommitRefused("server metadata keys are read-only")
+            if ns == b"priv" and rest == DEVICETOKEN:
+                self._apply_devicetoken(op, user, guid, int(now))
+            elif ns == b"priv" and rest == MESSAGENEW:
+                if isinstance(op, dp.SetOp):
+                    self._message_new(conn, ev, now)
+                    new_mail = True
+            elif isinstance(op, dp.SetOp):
+                if len(op.value) > self.limits.max_value_bytes:
+                    raise CommitRefused(
+                        f"value of {len(op.value)} bytes exceeds the limit of "
+                        f"{self.limits.max_value_bytes} bytes"
+                    )
+                self.store.set_attribute(user, op.key, op.value)
+                generic_sets = True
+            elif isinstance(op, dp.UnsetOp):
+                self.store.unset_attribute(user, op.key)
+            else:
+                current = self.store.get_attribute(user, op.key)
+                if current is None:
+                    notfound = True
+                    continue
+                try:
+                    number = int(current) + op.diff
+                except ValueError:
+                    raise CommitRefused("atomic increment of a non-numeric value") from None
+                self.store.set_attribute(user, op.key, str(number).encode())
+        if generic_sets:
+            count = self.store.count_attributes(user)
+            if count > self.limits.max_attributes:
+                raise CommitRefused(
+                    f"{count} attributes exceed the limit of {self.limits.max_attributes}"
+                )
+        return notfound, new_mail
+
+    def _apply_devicetoken(self, op: dp.Op, user: str, guid: bytes, now: int) -> None:
+        if isinstance(op, dp.UnsetOp):
+            removed = self.store.remove_tokens(user)
+            log.info("removed %d device tokens of %s", removed, user)
+            return
+        if not isinstance(op, dp.SetOp):
+            raise CommitRefused("devicetoken does not support increments")
+        token = _validate_token(op.value)
+        self.store.add_token(user, token, now, guid.decode("ascii", "replace"))
+        log.info("stored device token %s for %s", token_digest(token), user)
+
+    def _message_new(self, conn: sqlite3.Connection, ev: dp.Commit, now: float) -> None:
+        if self.delivery_dict is not None and ev.dict_name != self.delivery_dict:
+            raise CommitRefused(
+                f"messagenew is only accepted from the delivery dict {self.delivery_dict!r}"
+            )
+        tokens = self.store.valid_tokens(ev.user, int(now))
+        log.info("new mail for %s: %d token(s)", ev.user, len(tokens))
+        if tokens and self.hook is not None:
+            self.hook.message_new(conn, ev.user, tokens, now)
+
+
+def _validate_token(raw: bytes) -> str:
+    if not raw:
+        raise CommitRefused("empty device token")
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise CommitRefused(f"device token longer than {MAX_TOKEN_BYTES} bytes")
+    try:
+        token = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise CommitRefused("device token is not ASCII") from None
+    if not token.isprintable() or " " in token:
+        raise CommitRefused("device token contains spaces or control characters")
+    return token

@@ -1,0 +1,100 @@
+"""Server metadata Delta Chat reads with ``GETMETADATA ""``: iroh, TURN, limits, app versions.
+
+These keys are answered from configuration, not from the attribute store, and
+are read-only.  Any failure (TURN helper down, broken JSON file) answers "not
+found" so that a client simply falls back to its defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+SERVER_KEY_PREFIX = b"vendor/vendor.dovecot/pvt/server/vendor/deltachat/"
+TURN_PORT = 3478
+TURN_TIMEOUT = 5.0
+NAMES = frozenset({b"irohrelay", b"turn", b"maxsmtprecipients", b"appversions"})
+
+
+def server_key_name(key: bytes) -> bytes | None:
+    """``shared/<guid>/vendor/.../deltachat/<name>`` -> ``name`` for the served names, else None."""
+    if not key.startswith(b"shared/"):
+        return None
+    parts = key.split(b"/", 2)
+    if len(parts) != 3 or not parts[2].startswith(SERVER_KEY_PREFIX):
+        return None
+    name = parts[2][len(SERVER_KEY_PREFIX) :]
+    return name if name in NAMES else None
+
+
+def read_appversions(path: Path) -> bytes | None:
+    """The JSON file re-serialised compactly on one line, or None if missing or invalid."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("cannot serve appversions from %s: %s", path, exc)
+        return None
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+async def read_turn_credentials(socket_path: str, timeout: float = TURN_TIMEOUT) -> str:
+    """One line from the chatmail-turn helper's Unix socket (raises on any failure)."""
+
+    async def _read() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+        try:
+            return await reader.readline()
+        finally:
+            writer.close()
+
+    line = await asyncio.wait_for(_read(), timeout)
+    cred = line.decode("utf-8").strip()
+    if not cred:
+        raise ValueError("empty answer from TURN helper")
+    return cred
+
+
+class ServerKeys:
+    """Answers the served names; ``turn`` is the only one that needs I/O."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._appversions_cache: tuple[float, bytes | None] | None = None
+
+    def static_value(self, name: bytes) -> bytes | None:
+        if name == b"irohrelay":
+            relay = self.config.iroh_relay
+            return relay.encode() if relay else None
+        if name == b"maxsmtprecipients":
+            return str(self.config.max_smtp_recipients).encode()
+        if name == b"appversions":
+            return self._appversions()
+        raise KeyError(name)
+
+    def _appversions(self) -> bytes | None:
+        path = self.config.appversions_path
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = -1.0
+        cached = self._appversions_cache
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, read_appversions(path))
+            self._appversions_cache = cached
+        return cached[1]
+
+    async def turn(self) -> bytes | None:
+        try:
+            cred = await read_turn_credentials(self.config.turn_socket_path)
+        except Exception as exc:  # any failure of the helper answers N
+            log.warning("TURN credentials unavailable (%s): %r", self.config.turn_socket_path, exc)
+            return None
+        return f"{self.config.turn_hostname}:{TURN_PORT}:{cred}".encode()

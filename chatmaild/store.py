@@ -1,0 +1,150 @@
+"""Attribute and device-token storage on top of :mod:`chatmaild.database`.
+
+Pure data access: no protocol, no key parsing.  Every method that writes expects
+to run inside a transaction opened with :meth:`MetadataStore.transaction`, so one
+dict commit is one SQLite transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TOKEN_VALIDITY = 90 * 24 * 3600  # seconds after the last set
+TOKEN_FUTURE_GUARD = 60  # a timestamp further in the future is invalid
+MAX_TOKENS_PER_USER = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    validity: int = TOKEN_VALIDITY
+    future_guard: int = TOKEN_FUTURE_GUARD
+    max_per_user: int = MAX_TOKENS_PER_USER
+
+    def is_valid(self, set_at: int, now: int) -> bool:
+        return now - self.validity < set_at < now + self.future_guard
+
+
+class MetadataStore:
+    """Generic attributes (``priv/...``, ``shared/...``) and device tokens per user."""
+
+    def __init__(self, conn: sqlite3.Connection, policy: TokenPolicy | None = None) -> None:
+        self.conn = conn
+        self.policy = policy or TokenPolicy()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- attributes -------------------------------------------------------
+    def get_attribute(self, user: str, key: bytes) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT value FROM attributes WHERE user=? AND key=?", (user, key)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def iter_attributes(
+        self, user: str, prefix: bytes, limit: int = 0
+    ) -> list[tuple[bytes, bytes]]:
+        """All (key, value) of ``user`` whose key starts with ``prefix``, sorted by key."""
+        sql = "SELECT key, value FROM attributes WHERE user=? AND key>=?"
+        args: list[object] = [user, prefix]
+        upper = _prefix_upper_bound(prefix)
+        if upper is not None:
+            sql += " AND key<?"
+            args.append(upper)
+        sql += " ORDER BY key"
+        if limit > 0:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [(bytes(k), bytes(v)) for k, v in self.conn.execute(sql, args)]
+
+    def set_attribute(self, user: str, key: bytes, value: bytes) -> None:
+        self.conn.execute(
+            "INSERT INTO attributes(user, key, value) VALUES (?,?,?) "
+            "ON CONFLICT(user, key) DO UPDATE SET value=excluded.value",
+            (user, key, value),
+        )
+
+    def unset_attribute(self, user: str, key: bytes) -> None:
+        self.conn.execute("DELETE FROM attributes WHERE user=? AND key=?", (user, key))
+
+    def count_attributes(self, user: str) -> int:
+        return self.conn.execute(
+            "SELECT count(*) FROM attributes WHERE user=?", (user,)
+        ).fetchone()[0]
+
+    # -- device tokens ----------------------------------------------------
+    def valid_tokens(self, user: str, now: int) -> list[str]:
+        """Valid tokens in first-set order; invalid ones found on the way are deleted."""
+        rows = self.conn.execute(
+            "SELECT token, set_at FROM tokens WHERE user=? ORDER BY created, rowid", (user,)
+        ).fetchall()
+        valid = [tok for tok, set_at in rows if self.policy.is_valid(set_at, now)]
+        if len(valid) != len(rows):
+            self._prune(user, now)
+        return valid
+
+    def token_guids(self, user: str) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT guid FROM tokens WHERE user=? ORDER BY guid", (user,)
+        ).fetchall()
+        return [g for (g,) in rows]
+
+    def add_token(self, user: str, token: str, now: int, guid: str = "") -> None:
+        """Add or refresh ``token``; keep ``max_per_user``, evicting the least recently set."""
+        self.conn.execute(
+            "INSERT INTO tokens(user, token, guid, created, set_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(user, token) DO UPDATE SET set_at=excluded.set_at, guid=excluded.guid",
+            (user, token, guid, now, now),
+        )
+        self._prune(user, now)
+        self.conn.execute(
+            "DELETE FROM tokens WHERE user=? AND rowid NOT IN ("
+            " SELECT rowid FROM tokens WHERE user=? ORDER BY set_at DESC, rowid DESC LIMIT ?)",
+            (user, user, self.policy.max_per_user),
+        )
+
+    def import_token(self, user: str, token: str, set_at: int) -> bool:
+        """Insert a token with a given timestamp (migration); True if it was new or newer."""
+        cur = self.conn.execute(
+            "INSERT INTO tokens(user, token, created, set_at) VALUES (?,?,?,?) "
+            "ON CONFLICT(user, token) DO UPDATE SET set_at=excluded.set_at "
+            "WHERE excluded.set_at > tokens.set_at",
+            (user, token, set_at, set_at),
+        )
+        return cur.rowcount > 0
+
+    def remove_token(self, user: str, token: str) -> bool:
+        cur = self.conn.execute("DELETE FROM tokens WHERE user=? AND token=?", (user, token))
+        return cur.rowcount > 0
+
+    def remove_tokens(self, user: str) -> int:
+        return self.conn.execute("DELETE FROM tokens WHERE user=?", (user,)).rowcount
+
+    def _prune(self, user: str, now: int) -> None:
+        self.conn.execute(
+            "DELETE FROM tokens WHERE user=? AND (set_at<=? OR set_at>=?)",
+            (user, now - self.policy.validity, now + self.policy.future_guard),
+        )
+
+
+def _prefix_upper_bound(prefix: bytes) -> bytes | None:
+    """Smallest byte string greater than every string starting with ``prefix``."""
+    p = bytearray(prefix)
+    while p and p[-1] == 0xFF:
+        p.pop()
+    if not p:
+        return None
+    p[-1] += 1
+    return bytes(p)
