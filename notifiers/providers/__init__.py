@@ -1,0 +1,1 @@
+"""Push provider clients; each implements :class:`notifiers.providers.base.Provider`."""

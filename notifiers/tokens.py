@@ -1,0 +1,77 @@
+"""Token grammar, sans-I/O: which provider a (decrypted) token belongs to.
+
+Prefixes are checked in upstream's order: ``fcm-<package>:<token>``, ``ubports-``,
+``webpush:<endpoint>|<p256dh>|<auth>``, ``sandbox:<hex>``, anything else is an
+APNs production device token.  (``openpgp:`` tokens are decrypted before this.)
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    APNS = "APNS"
+    APNS_SANDBOX = "APNS_SANDBOX"
+    FCM = "FCM"
+    UBPORTS = "UBports"
+    WEBPUSH = "WebPush"
+
+
+class TokenError(ValueError):
+    """The token does not follow the grammar (a client or relay bug, never a dead token)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PushToken:
+    """A parsed plaintext token.
+
+    ``device`` is what the provider needs: the APNs hex token, the FCM registration
+    token, the UBports token, or the Web Push endpoint URL; ``package`` is the FCM
+    package name; ``p256dh``/``auth`` are the Web Push subscription keys.
+    """
+
+    kind: Kind
+    raw: str
+    device: str
+    package: str = ""
+    p256dh: str = ""
+    auth: str = ""
+
+    @property
+    def digest(self) -> str:
+        return token_digest(self.raw)
+
+
+def token_digest(token: str) -> str:
+    """Short stable digest for logs and metrics; tokens are never logged in plaintext."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def parse_token(raw: str) -> PushToken:
+    """Classify ``raw``; raise :class:`TokenError` when it is malformed."""
+    if not raw:
+        raise TokenError("empty token")
+    if raw.startswith("fcm-"):
+        package, sep, device = raw[4:].partition(":")
+        if not sep or not device:
+            raise TokenError("invalid FCM token: expected fcm-<package>:<token>")
+        return PushToken(Kind.FCM, raw, device, package=package)
+    if raw.startswith("ubports-"):
+        device = raw[8:]
+        if not device:
+            raise TokenError("invalid UBports token: empty")
+        return PushToken(Kind.UBPORTS, raw, device)
+    if raw.startswith("webpush:"):
+        parts = raw[8:].split("|", 2)
+        if len(parts) < 3 or not all(parts):
+            raise TokenError("invalid web push token: expected webpush:<endpoint>|<p256dh>|<auth>")
+        return PushToken(Kind.WEBPUSH, raw, parts[0], p256dh=parts[1], auth=parts[2])
+    if raw.startswith("sandbox:"):
+        device = raw[8:]
+        if not device:
+            raise TokenError("invalid APNs sandbox token: empty")
+        return PushToken(Kind.APNS_SANDBOX, raw, device)
+    return PushToken(Kind.APNS, raw, raw)
