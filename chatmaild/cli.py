@@ -19,7 +19,11 @@ from pathlib import Path
 from .config import Config, ConfigError, read_config
 from .database import DatabaseError, connect
 from .dictserver import bind_unix_socket, start_dict_server
+from .jobqueue import RetryPolicy
 from .metadata import MetadataDict
+from .notifier import Notifier
+from .pushtransport import EmbeddedPushTransport, HttpPushTransport, PushTransport
+from .relaymetrics import RelayMetrics
 from .serverkeys import ServerKeys
 from .store import MetadataStore
 from .systemd import listen_fds, notify
@@ -54,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
         "messagenew; others are refused (default: [metadata] delivery_dict, else any)",
     )
     p.add_argument(
+        "--notify-url",
+        default=None,
+        help="push proxy /notify URL, 'embedded' for the in-process proxy configured by the "
+        "ini's [notifiers] section, or 'off' (default: [metadata] notify_url, else "
+        "https://notifications.delta.chat/notify)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics on this address (default: off)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -68,6 +85,8 @@ def load(args: argparse.Namespace) -> Config:
         config.database = args.db
     if args.delivery_dict:
         config.delivery_dict = args.delivery_dict
+    if args.notify_url:
+        config.notifier.url = args.notify_url
     if config.database is None and not config.mailboxes_dir.is_dir():
         raise ConfigError(
             f"mailboxes_dir {config.mailboxes_dir} does not exist (create it or pass --db)"
@@ -78,11 +97,16 @@ def load(args: argparse.Namespace) -> Config:
 async def serve(config: Config, args: argparse.Namespace) -> int:
     conn = connect(config.database_path, config.synchronous)
     store = MetadataStore(conn)
+    metrics = RelayMetrics()
+    proxy, notifier = start_notifier(config, metrics)
+    if args.metrics:
+        metrics.serve(args.metrics)
+        log.info("metrics on http://%s/metrics", args.metrics)
     backend = MetadataDict(
         store,
         ServerKeys(config),
         limits=config.limits,
-        hook=None,
+        hook=notifier,
         delivery_dict=config.delivery_dict,
     )
     fds = listen_fds()
@@ -103,6 +127,10 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
     notify("STOPPING=1")
     server.close()
     await server.wait_closed()
+    if notifier is not None:
+        await asyncio.to_thread(notifier.stop)
+    if proxy is not None:
+        await asyncio.to_thread(proxy.stop)
     conn.close()
     if not fds:
         with contextlib.suppress(OSError):
@@ -110,11 +138,54 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None, Notifier | None]:
+    """Start the notifier (and the embedded proxy if configured); (proxy, notifier)."""
+    settings = config.notifier
+    if settings.url == "off":
+        log.warning("notifier is off: new mail triggers no push")
+        return None, None
+    proxy = None
+    if settings.url == "embedded":
+        from notifiers.embedded import EmbeddedProxy
+        from notifiers.settings import settings_from_mapping
+
+        try:
+            proxy = EmbeddedProxy(settings_from_mapping(config.proxy_options))
+            proxy.start()
+        except Exception as exc:  # a broken key file etc.: one line for the operator
+            raise ConfigError(f"embedded push proxy: {exc}") from exc
+
+        def factory() -> PushTransport:
+            return EmbeddedPushTransport(proxy, settings.timeout)
+
+        target = "the embedded proxy"
+    else:
+
+        def factory() -> PushTransport:
+            return HttpPushTransport(settings.url, settings.timeout)
+
+        target = settings.url
+    policy = RetryPolicy(settings.retry_delays, settings.max_attempts, settings.deadline)
+    notifier = Notifier(
+        config.database_path,
+        factory,
+        workers=settings.workers,
+        policy=policy,
+        metrics=metrics,
+        synchronous=config.synchronous,
+    )
+    notifier.start()
+    log.info("pushing to %s", target)
+    return proxy, notifier
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO; the notifier logs each outcome itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = load(args)
         return asyncio.run(serve(config, args))

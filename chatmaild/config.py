@@ -31,7 +31,11 @@ class Limits:
 
 @dataclass(slots=True)
 class NotifierSettings:
-    """How push jobs are sent (see chatmaild.notifier)."""
+    """How push jobs are sent (see chatmaild.notifier).
+
+    ``url`` is the proxy's ``/notify`` URL, or ``embedded`` to run the push proxy
+    in-process with the options of the ini's ``[notifiers]`` section, or ``off``.
+    """
 
     url: str = DEFAULT_NOTIFY_URL
     workers: int = 12
@@ -54,6 +58,7 @@ class Config:
     synchronous: str = "NORMAL"
     limits: Limits = field(default_factory=Limits)
     notifier: NotifierSettings = field(default_factory=NotifierSettings)
+    proxy_options: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
 
     @property
@@ -98,6 +103,9 @@ def read_config(path: str | Path) -> Config:
     )
     if parser.has_section("metadata"):
         _apply_metadata_section(cfg, parser["metadata"], path)
+    if parser.has_section("notifiers"):
+        # Options of the embedded push proxy (notify_url = embedded), read by notifiers.settings.
+        cfg.proxy_options = dict(parser["notifiers"])
     return cfg
 
 

@@ -40,7 +40,9 @@ class NewMailHook(Protocol):
 
     ``message_new`` runs before the ``C`` reply is sent and must only write through
     ``conn`` (so its writes commit or roll back with the dict transaction);
-    ``committed`` runs after COMMIT, e.g. to wake worker threads.
+    ``committed`` runs after COMMIT, e.g. to wake worker threads.  A hook may also
+    define ``rolled_back()``, called when the transaction is undone, to forget what
+    ``message_new`` staged (SQLite may reuse the rolled-back row ids).
     """
 
     def message_new(
@@ -141,24 +143,36 @@ class MetadataDict:
         return rows
 
     # -- transactions -----------------------------------------------------
-    def commit(self, ev: dp.Commit) -> bytes:
-        """Apply ``ev.ops`` in one SQLite transaction; ``O<id>`` or ``F<id>\\t<reason>``."""
+    def _commit(self, ev: dp.Commit) -> bytes:
         notfound = False
         new_mail = False
         try:
             with self.store.transaction() as conn:
                 notfound, new_mail = self._apply(conn, ev)
+        except BaseException:
+            self._hook_rolled_back()
+            raise
+        if new_mail and self.hook is not None:
+            self.hook.committed()
+        if notfound:
+            return dp.commit_notfound(ev.txid)
+        return dp.commit_reply(ev.txid)
+
+    def _hook_rolled_back(self) -> None:
+        rolled_back = getattr(self.hook, "rolled_back", None)
+        if rolled_back is not None:
+            rolled_back()
+
+    def commit(self, ev: dp.Commit) -> bytes:
+        """Apply ``ev.ops`` in one SQLite transaction; ``O<id>`` or ``F<id>\\t<reason>``."""
+        try:
+            return self._commit(ev)
         except CommitRefused as exc:
             log.warning("commit refused for %s (dict %r): %s", ev.user, ev.dict_name, exc)
             return dp.commit_reply(ev.txid, str(exc))
         except sqlite3.Error as exc:
             log.error("commit failed for %s: %s", ev.user, exc)
             return dp.commit_reply(ev.txid, f"storage error: {exc}")
-        if new_mail and self.hook is not None:
-            self.hook.committed()
-        if notfound:
-            return dp.commit_notfound(ev.txid)
-        return dp.commit_reply(ev.txid)
 
     def _apply(self, conn: sqlite3.Connection, ev: dp.Commit) -> tuple[bool, bool]:
         user = ev.user

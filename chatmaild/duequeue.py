@@ -1,0 +1,80 @@
+"""A thread-safe priority queue ordered by due time, for the notifier's worker threads.
+
+``queue.PriorityQueue`` hands out the earliest item even when it is not due yet,
+and a worker sleeping on a future item would miss an earlier one that arrives
+meanwhile.  Here ``get`` only returns items that are due and re-checks whenever
+an earlier item is put.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Closed(Exception):
+    """The queue was closed: worker threads exit."""
+
+
+class DueQueue(Generic[T]):
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._heap: list[tuple[float, int, T]] = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._closed = False
+        self._members: set[T] = set()
+        self.clock = clock
+
+    def put(self, due: float, item: T) -> None:
+        """Schedule ``item``; an item already waiting in the queue is not added twice."""
+        with self._cond:
+            if item in self._members:
+                return
+            self._members.add(item)
+            self._seq += 1
+            heapq.heappush(self._heap, (due, self._seq, item))
+            if self._heap[0][1] == self._seq:
+                self._cond.notify()
+
+    def put_many(self, items: list[tuple[float, T]]) -> None:
+        with self._cond:
+            for due, item in items:
+                if item in self._members:
+                    continue
+                self._members.add(item)
+                self._seq += 1
+                self._heap.append((due, self._seq, item))
+            heapq.heapify(self._heap)
+            self._cond.notify_all()
+
+    def get(self) -> T:
+        """Block until the earliest item is due; raise :class:`Closed` after :meth:`close`."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise Closed
+                if self._heap:
+                    wait = self._heap[0][0] - self.clock()
+                    if wait <= 0:
+                        item = heapq.heappop(self._heap)[2]
+                        self._members.discard(item)
+                        if self._heap:
+                            self._cond.notify()  # the next one may be due too
+                        return item
+                    self._cond.wait(min(wait, 60.0))
+                else:
+                    self._cond.wait()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._heap)
