@@ -1,0 +1,96 @@
+"""A real HTTP server on 127.0.0.1 that records push POSTs, for notifier tests.
+
+Answers are scripted per token (a list of statuses consumed in order, then the
+default) and can be delayed, so tests can make the "proxy" slow, failing or gone.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Received:
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    status: int
+    at: float
+
+
+@dataclass
+class PushSink:
+    default_status: int = 200
+    delay: float = 0.0
+    scripts: dict[str, list[int]] = field(default_factory=dict)
+    requests: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if sink.delay:
+                    time.sleep(sink.delay)
+                status = sink._answer(body.decode("utf-8", "replace"))
+                with sink._cond:
+                    sink.requests.append(
+                        Received(self.path, body, dict(self.headers), status, time.time())
+                    )
+                    sink._cond.notify_all()
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/notify"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _answer(self, token: str) -> int:
+        with self._lock:
+            script = self.scripts.get(token)
+            if script:
+                return script.pop(0)
+            return self.default_status
+
+    def bodies(self) -> list[bytes]:
+        with self._lock:
+            return [r.body for r in self.requests]
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Wait until at least ``count`` requests arrived; return them (raises on timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.requests) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(self.requests)} of {count} push requests arrived")
+                self._cond.wait(left)
+            return list(self.requests)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (for "proxy is down" tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,273 @@
+"""The notifier against a real HTTP endpoint on 127.0.0.1: contract, retries, coalescing."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pushsink import PushSink, free_port
+
+from chatmaild import dictproto as dp
+from chatmaild import jobqueue
+from chatmaild.config import read_config
+from chatmaild.database import connect
+from chatmaild.jobqueue import RetryPolicy
+from chatmaild.metadata import MetadataDict
+from chatmaild.notifier import Notifier
+from chatmaild.pushtransport import HttpPushTransport
+from chatmaild.serverkeys import ServerKeys
+from chatmaild.store import MetadataStore
+
+GUID = b"0db9f01b8afe096b1c28000083ecc375"
+USER = "alice@example.org"
+
+FAST = RetryPolicy(delays=(0.05, 0.05, 0.05, 0.05), max_attempts=5, deadline=60.0)
+
+
+class Relay:
+    """Dict backend plus notifier on one database, driven with real dict events."""
+
+    def __init__(self, tmp: Path, url: str, policy: RetryPolicy = FAST, workers: int = 4):
+        ini = tmp / "chatmail.ini"
+        ini.write_text(f"[params]\nmail_domain = example.org\nmailboxes_dir = {tmp}\n")
+        self.db_path = tmp / "db.sqlite3"
+        self.conn = connect(self.db_path)
+        self.store = MetadataStore(self.conn)
+        self.notifier = Notifier(
+            self.db_path, lambda: HttpPushTransport(url, timeout=2.0), workers, policy
+        )
+        self.backend = MetadataDict(
+            self.store, ServerKeys(read_config(ini)), hook=self.notifier, delivery_dict="lmtp"
+        )
+        self.txid = 0
+
+    def commit(self, *ops: dp.Op, dict_name: str = "lmtp", user: str = USER) -> bytes:
+        self.txid += 1
+        return self.backend.commit(dp.Commit(str(self.txid), user, ops, dict_name))
+
+    def add_token(self, token: str, user: str = USER) -> None:
+        assert self.commit(
+            dp.SetOp(b"priv/" + GUID + b"/devicetoken", token.encode()),
+            dict_name="metadata",
+            user=user,
+        ).startswith(b"O")
+
+    def new_mail(self, user: str = USER) -> bytes:
+        return self.commit(dp.SetOp(b"priv/" + GUID + b"/messagenew", b""), user=user)
+
+    def tokens(self, user: str = USER) -> list[str]:
+        return self.store.valid_tokens(user, int(time.time()))
+
+    def jobs(self) -> int:
+        return jobqueue.count(self.conn)
+
+    def close(self) -> None:
+        self.notifier.stop()
+        self.conn.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[PushSink]:
+    s = PushSink()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
+    r = Relay(tmp_path, sink.url)
+    r.notifier.start()
+    yield r
+    r.close()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.01)
+
+
+def test_retry_policy_schedule_matches_upstream() -> None:
+    p = RetryPolicy()
+    assert [p.next_due(k, 1e9, 0.0) for k in range(1, 5)] == [8.0, 64.0, 512.0, 4096.0]
+    assert p.next_due(5, 1e9, 0.0) is None
+    assert p.next_due(1, deadline=5.0, now=0.0) is None  # past the deadline
+
+
+def test_each_token_posted_raw(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("tok-a")
+    relay.add_token("tok-b")
+    assert relay.new_mail() == f"O{relay.txid}\n".encode()
+    sink.wait_for(2)
+    assert sorted(sink.bodies()) == [b"tok-a", b"tok-b"]
+    req = sink.requests[0]
+    assert req.path == "/notify"
+    assert "content-type" not in {k.lower() for k in req.headers}
+    wait_until(lambda: relay.jobs() == 0)
+    assert relay.notifier.metrics.sent._value.get() == 2
+
+
+def test_job_is_on_disk_before_commit_reply(tmp_path: Path) -> None:
+    r = Relay(tmp_path, f"http://127.0.0.1:{free_port()}/notify")  # workers not started
+    try:
+        r.add_token("tok-a")
+        assert r.new_mail().startswith(b"O")
+        other = connect(r.db_path)
+        assert jobqueue.count(other) == 1
+        other.close()
+    finally:
+        r.conn.close()
+
+
+def test_no_tokens_no_job(relay: Relay, sink: PushSink) -> None:
+    assert relay.new_mail().startswith(b"O")
+    assert relay.jobs() == 0
+    time.sleep(0.1)
+    assert sink.requests == []
+
+
+def test_410_removes_exactly_that_token(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("dead")
+    relay.add_token("alive")
+    relay.add_token("dead", user="bob@example.org")
+    sink.scripts["dead"] = [410]
+    relay.new_mail()
+    sink.wait_for(2)
+    wait_until(lambda: relay.jobs() == 0)
+    assert relay.tokens() == ["alive"]
+    assert relay.tokens("bob@example.org") == ["dead"]
+    assert relay.notifier.metrics.tokens_removed._value.get() == 1
+
+
+def test_500_is_retried_until_200(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("flaky")
+    sink.scripts["flaky"] = [500, 502, 200]
+    relay.new_mail()
+    sink.wait_for(3)
+    wait_until(lambda: relay.jobs() == 0)
+    assert [r.status for r in sink.requests] == [500, 502, 200]
+    assert relay.notifier.metrics.retried._value.get() == 2
+    assert relay.tokens() == ["flaky"]
+
+
+def test_closed_port_is_retried_then_succeeds(tmp_path: Path, sink: PushSink) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/notify"
+    policy = RetryPolicy(delays=(0.2,) * 4, max_attempts=5, deadline=60.0)
+    r = Relay(tmp_path, url, policy)
+    r.notifier.start()
+    try:
+        r.add_token("tok")
+        r.new_mail()
+        wait_until(lambda: r.notifier.metrics.retried._value.get() >= 1)
+        # The proxy comes up on the same port: the next retry gets through.
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _OkHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            wait_until(lambda: r.jobs() == 0)
+            assert r.notifier.metrics.sent._value.get() == 1
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        r.close()
+
+
+class _OkHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_dropped_after_max_attempts(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("never")
+    sink.scripts["never"] = [500] * 10
+    relay.new_mail()
+    sink.wait_for(5)
+    wait_until(lambda: relay.jobs() == 0)
+    time.sleep(0.2)
+    assert len(sink.requests) == 5
+    assert relay.notifier.metrics.dropped._value.get() == 1
+
+
+def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
+    policy = RetryPolicy(delays=(0.3,) * 4, max_attempts=5, deadline=0.5)
+    r = Relay(tmp_path, sink.url, policy)
+    r.notifier.start()
+    try:
+        r.add_token("slowdeath")
+        sink.scripts["slowdeath"] = [500] * 10
+        r.new_mail()
+        wait_until(lambda: r.jobs() == 0)
+        assert len(sink.requests) == 2  # t=0 and t=0.3; t=0.6 is past the deadline
+        assert r.notifier.metrics.dropped._value.get() == 1
+    finally:
+        r.close()
+
+
+def test_coalescing_while_endpoint_is_slow(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("busy")
+    sink.delay = 0.3
+    for _ in range(200):
+        assert relay.new_mail().startswith(b"O")
+    sink.wait_for(1)
+    wait_until(lambda: relay.jobs() == 0)
+    # The first job may be in flight when later mails arrive: at most one more is queued.
+    assert 1 <= len(sink.requests) <= 2
+    assert relay.notifier.metrics.coalesced._value.get() >= 198
+
+
+def test_in_flight_job_does_not_absorb_new_mail(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("phone")
+    sink.delay = 0.3
+    relay.new_mail()
+    wait_until(
+        lambda: relay.notifier.metrics.latency._sum.get() > 0 or sink.requests or _attempted(relay)
+    )
+    relay.new_mail()  # the first one is in flight now
+    sink.wait_for(2)
+    assert sink.bodies() == [b"phone", b"phone"]
+
+
+def _attempted(relay: Relay) -> bool:
+    row = relay.conn.execute("SELECT max(attempts) FROM jobs").fetchone()
+    return bool(row and row[0])
+
+
+def test_messagenew_from_imap_dict_is_refused(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("tok")
+    reply = relay.commit(dp.SetOp(b"priv/" + GUID + b"/messagenew", b""), dict_name="metadata")
+    assert reply.startswith(b"F")
+    assert relay.jobs() == 0
+    time.sleep(0.1)
+    assert sink.requests == []
+
+
+def test_rolled_back_commit_queues_nothing(relay: Relay, sink: PushSink) -> None:
+    relay.add_token("tok")
+    reply = relay.commit(
+        dp.SetOp(b"priv/" + GUID + b"/messagenew", b""),
+        dp.SetOp(
+            b"shared/" + GUID + b"/vendor/vendor.dovecot/pvt/server/vendor/deltachat/turn", b"x"
+        ),
+    )
+    assert reply.startswith(b"F")
+    assert relay.jobs() == 0
+    assert relay.notifier._staged == []
+    relay.new_mail()
+    sink.wait_for(1)
+    time.sleep(0.1)
+    assert len(sink.requests) == 1
