@@ -27,6 +27,7 @@ class PushSink:
     delay: float = 0.0
     scripts: dict[str, list[int]] = field(default_factory=dict)
     requests: list[Received] = field(default_factory=list)
+    port: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -53,7 +54,7 @@ class PushSink:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/notify"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,29 +165,15 @@ def test_closed_port_is_retried_then_succeeds(tmp_path: Path, sink: PushSink) ->
         r.new_mail()
         wait_until(lambda: r.notifier.metrics.retried._value.get() >= 1)
         # The proxy comes up on the same port: the next retry gets through.
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _OkHandler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        late = PushSink(port=port)
         try:
             wait_until(lambda: r.jobs() == 0)
             assert r.notifier.metrics.sent._value.get() == 1
+            assert late.bodies() == [b"tok"]
         finally:
-            server.shutdown()
-            server.server_close()
+            late.close()
     finally:
         r.close()
-
-
-class _OkHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
-        self.rfile.read(int(self.headers.get("content-length", "0")))
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def test_dropped_after_max_attempts(relay: Relay, sink: PushSink) -> None:
