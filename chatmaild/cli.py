@@ -26,7 +26,7 @@ from .pushtransport import EmbeddedPushTransport, HttpPushTransport, PushTranspo
 from .relaymetrics import RelayMetrics
 from .serverkeys import ServerKeys
 from .store import MetadataStore
-from .systemd import listen_fds, notify
+from .systemd import listen_fds, notify, watchdog_interval
 
 log = logging.getLogger("chatmail-metadata")
 
@@ -122,7 +122,10 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("serving dict on %s, database %s", args.socket, config.database_path)
     notify("READY=1")
+    watchdog = asyncio.create_task(_watchdog()) if watchdog_interval() else None
     await stop.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     log.info("shutting down")
     notify("STOPPING=1")
     server.close()
@@ -136,6 +139,14 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             os.unlink(args.socket)
     return 0
+
+
+async def _watchdog() -> None:
+    """Ping systemd's watchdog from the event loop, so a stuck loop gets the service restarted."""
+    interval = watchdog_interval() or 10.0
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None, Notifier | None]:

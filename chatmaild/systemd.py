@@ -35,6 +35,17 @@ def notify(state: str) -> bool:
     return True
 
 
+def watchdog_interval() -> float | None:
+    """Half the ``WatchdogSec=`` the service manager expects pings within, or None."""
+    if os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return None
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None
+
+
 def listen_fds() -> list[int]:
     """File descriptors passed by socket activation (empty when started directly)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
