@@ -35,6 +35,12 @@ class DictProtocol(asyncio.Protocol):
         self.stats = stats
         self.transport: asyncio.Transport | None = None
         self._busy = False
+        self._handlers = {
+            dp.Lookup: backend.lookup,
+            dp.Commit: backend.commit,
+            dp.Iterate: backend.iterate,
+            dp.Refusal: _refusal_reply,
+        }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -54,62 +60,61 @@ class DictProtocol(asyncio.Protocol):
 
     def _process(self) -> None:
         conn = self.conn
+        handlers = self._handlers
         out: list[bytes] = []
         while (ev := conn.next_event()) is not None:
-            reply = self._dispatch(ev)
-            if reply is None:
-                continue
-            if isinstance(reply, bytes):
+            kind = type(ev)
+            handler = handlers.get(kind)
+            if handler is None:
+                continue  # Hello: never answered
+            self.stats.count(kind)
+            try:
+                reply = handler(ev)
+            except Exception as exc:  # one reply is owed whatever happened
+                log.exception("error handling %s", kind.__name__)
+                reply = _failure(ev, exc)
+            if type(reply) is bytes:
                 out.append(reply)
+                continue
+            if not inspect.isawaitable(reply):
+                log.error("backend returned %r for %s", type(reply), kind.__name__)
+                out.append(_failure(ev, TypeError("no reply")))
                 continue
             # An answer that needs I/O: flush what we have, then wait for it in order.
             self._write(out)
             out = []
             self._busy = True
-            asyncio.ensure_future(self._finish(reply))
+            asyncio.ensure_future(self._finish(ev, reply))
             return
         self._write(out)
 
-    async def _finish(self, pending: Awaitable[bytes]) -> None:
+    async def _finish(self, ev: dp.Event, pending: Awaitable[bytes]) -> None:
         try:
             reply = await pending
         except Exception as exc:  # never leave Dovecot without its one reply
             log.exception("lookup failed")
-            reply = dp.lookup_failure(f"internal error: {exc}")
+            reply = _failure(ev, exc)
         self._write([reply])
         self._busy = False
         if self.transport is not None:
             self._process()
 
-    def _dispatch(self, ev: dp.Event) -> bytes | Awaitable[bytes] | None:
-        stats = self.stats
-        backend = self.backend
-        try:
-            if isinstance(ev, dp.Lookup):
-                stats.lookups += 1
-                reply = backend.lookup(ev)
-                return reply if isinstance(reply, bytes) or inspect.isawaitable(reply) else None
-            if isinstance(ev, dp.Commit):
-                stats.commits += 1
-                return backend.commit(ev)
-            if isinstance(ev, dp.Iterate):
-                stats.iterations += 1
-                return backend.iterate(ev)
-            if isinstance(ev, dp.Refusal):
-                stats.refusals += 1
-                return ev.reply
-            return None  # Hello
-        except Exception as exc:
-            log.exception("error handling %s", type(ev).__name__)
-            if isinstance(ev, dp.Commit):
-                return dp.commit_reply(ev.txid, f"internal error: {exc}")
-            if isinstance(ev, dp.Iterate):
-                return dp.iterate_failure(f"internal error: {exc}")
-            return dp.lookup_failure(f"internal error: {exc}")
-
     def _write(self, chunks: list[bytes]) -> None:
         if chunks and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(chunks))
+
+
+def _refusal_reply(ev: dp.Refusal) -> bytes:
+    return ev.reply
+
+
+def _failure(ev: dp.Event, exc: BaseException) -> bytes:
+    """The failure reply of the kind ``ev`` owes (commit, iterate or lookup)."""
+    if isinstance(ev, dp.Commit):
+        return dp.commit_reply(ev.txid, f"internal error: {exc}")
+    if isinstance(ev, dp.Iterate):
+        return dp.iterate_failure(f"internal error: {exc}")
+    return dp.lookup_failure(f"internal error: {exc}")
 
 
 class ServerStats:
@@ -123,6 +128,16 @@ class ServerStats:
         "commits",
         "refusals",
     )
+
+    def count(self, kind: type) -> None:
+        if kind is dp.Lookup:
+            self.lookups += 1
+        elif kind is dp.Commit:
+            self.commits += 1
+        elif kind is dp.Iterate:
+            self.iterations += 1
+        else:
+            self.refusals += 1
 
     def __init__(self) -> None:
         self.connections = 0
