@@ -53,3 +53,7 @@ class Provider(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+class ProviderConfigError(Exception):
+    """a provider's key or certificate file is missing or broken"""

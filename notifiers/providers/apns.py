@@ -1,0 +1,305 @@
+"""Apple Push Notification service client (HTTP/2, certificate or token auth).
+
+One :class:`ApnsProvider` talks to one APNs host over one multiplexed HTTP/2
+connection; the service keeps a second instance with ``sandbox=True`` for
+``sandbox:`` tokens.  Two ways to authenticate, as Apple offers:
+
+* ``.p12`` client certificate (what upstream uses): loaded with ``cryptography``
+  (legacy RC2-40/3DES bags included) and put into the TLS context;
+* ``.p8`` signing key: an ES256 JWT (``kid``, ``iss``, ``iat``) sent as
+  ``authorization: bearer``, reused and renewed after 50 minutes (Apple rejects
+  tokens older than an hour and refreshing more than every 20 minutes).
+
+Non-hex device tokens are answered GONE without a request: Apple's device token
+is the hex form of an opaque binary token, so APNs would reject anything else
+as ``BadDeviceToken`` (a permanent error), and refusing it here also keeps the
+token from being spliced into the request path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import ssl
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from ..tokens import PushToken
+from .base import Delivery, Outcome, Provider, ProviderConfigError
+from .common import Verify, label, make_ssl_context, parse_retry_after, post, transport_failure
+
+log = logging.getLogger(__name__)
+
+PRODUCTION_URL = "https://api.push.apple.com"
+SANDBOX_URL = "https://api.sandbox.push.apple.com"
+
+#: The exact visible "new messages" payload (reference §4): compact, this key order.
+PAYLOAD = json.dumps(
+    {
+        "aps": {
+            "alert": {
+                "title": "New messages",
+                "body": "You have new messages",
+                "title-loc-key": "new_messages",
+                "loc-key": "new_messages_body",
+            },
+            "sound": "default",
+            "mutable-content": 1,
+        }
+    },
+    separators=(",", ":"),
+).encode()
+
+#: APNs reasons that mean the token will never work again -> GONE (410 to the relay).
+GONE_REASONS = frozenset(
+    {"BadDeviceToken", "DeviceTokenNotForTopic", "ExpiredToken", "Unregistered"}
+)
+
+#: Renew the provider JWT after this many seconds (Apple: valid 60 min, refresh >= 20 min).
+JWT_RENEW_AFTER = 50 * 60
+
+#: Back-off for a 429 without ``Retry-After``.  APNs 429 is usually per device
+#: token, so the provider-wide pause stays short.
+DEFAULT_RETRY_AFTER = 1.0
+
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+
+
+class _JwtSigner:
+    """Makes the APNs provider token and reuses it until it is due for renewal."""
+
+    def __init__(
+        self, key: ec.EllipticCurvePrivateKey, key_id: str, team_id: str, clock: Callable[[], float]
+    ) -> None:
+        self._key = key
+        self._key_id = key_id
+        self._team_id = team_id
+        self._clock = clock
+        self._token = ""
+        self._issued_at = 0.0
+
+    def token(self) -> str:
+        now = self._clock()
+        if not self._token or now - self._issued_at >= JWT_RENEW_AFTER or now < self._issued_at:
+            self._token = jwt.encode(
+                {"iss": self._team_id, "iat": int(now)},
+                self._key,
+                algorithm="ES256",
+                headers={"kid": self._key_id},
+            )
+            self._issued_at = now
+        return self._token
+
+
+class ApnsProvider(Provider):
+    """APNs client for one host (production or sandbox)."""
+
+    name = "APNS"
+
+    def __init__(
+        self,
+        *,
+        sandbox: bool,
+        topic: str | None,
+        base_url: str | None,
+        timeout: float,
+        ssl_context: ssl.SSLContext,
+        signer: _JwtSigner | None = None,
+    ) -> None:
+        """Use :meth:`from_p12` or :meth:`from_p8`; this takes already-loaded credentials."""
+        self.sandbox = sandbox
+        self.topic = topic
+        self.base_url = (base_url or (SANDBOX_URL if sandbox else PRODUCTION_URL)).rstrip("/")
+        self.timeout = timeout
+        self._signer = signer
+        # http1=False: APNs speaks only HTTP/2.  Concurrent sends share one
+        # connection (httpcore treats a connecting HTTP/2 connection as
+        # available); a few spare slots cover a connection that is draining
+        # after GOAWAY while its replacement starts.
+        self._client = httpx.AsyncClient(
+            http1=False,
+            http2=True,
+            verify=ssl_context,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(
+                max_connections=4, max_keepalive_connections=2, keepalive_expiry=600
+            ),
+        )
+
+    @classmethod
+    def from_p12(
+        cls,
+        p12_path: Path,
+        password: bytes | None,
+        *,
+        topic: str | None,
+        sandbox: bool,
+        base_url: str | None = None,
+        timeout: float = 20.0,
+        verify: Verify = True,
+    ) -> ApnsProvider:
+        """Certificate auth from a PKCS#12 file.
+
+        ``verify`` is the server trust (tests pass their CA); if it is an
+        SSLContext, the client certificate is loaded into that context.
+        """
+        ctx = make_ssl_context(verify)
+        key, cert, chain = _load_p12(Path(p12_path), password)
+        _load_client_cert(ctx, key, cert, chain)
+        return cls(
+            sandbox=sandbox, topic=topic, base_url=base_url, timeout=timeout, ssl_context=ctx
+        )
+
+    @classmethod
+    def from_p8(
+        cls,
+        key_path: Path,
+        *,
+        key_id: str,
+        team_id: str,
+        topic: str | None,
+        sandbox: bool,
+        base_url: str | None = None,
+        timeout: float = 20.0,
+        verify: Verify = True,
+        clock: Callable[[], float] = time.time,
+    ) -> ApnsProvider:
+        """Token auth from an APNs ``AuthKey_<kid>.p8`` (PKCS#8 P-256 key).
+
+        ``clock`` (seconds since the epoch) is injectable so tests can age the JWT.
+        """
+        try:
+            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ProviderConfigError(f"APNs key {key_path}: {exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ProviderConfigError(f"APNs key {key_path}: not an EC P-256 private key")
+        signer = _JwtSigner(key, key_id, team_id, clock)
+        return cls(
+            sandbox=sandbox,
+            topic=topic,
+            base_url=base_url,
+            timeout=timeout,
+            ssl_context=make_ssl_context(verify),
+            signer=signer,
+        )
+
+    def _headers(self) -> dict[str, str]:
+        headers = {
+            "apns-push-type": "alert",
+            "apns-priority": "10",
+            "apns-collapse-id": "new_messages",
+            "content-type": "application/json",
+        }
+        if self.topic:
+            headers["apns-topic"] = self.topic
+        if self._signer is not None:
+            headers["authorization"] = f"bearer {self._signer.token()}"
+        return headers
+
+    async def send(self, token: PushToken) -> Delivery:
+        if not _HEX.fullmatch(token.device):
+            log.info("APNs token %s is not hex; answering gone without a request", token.digest)
+            return Delivery(Outcome.GONE, "invalid_token", "BadDeviceToken")
+        url = f"{self.base_url}/3/device/{token.device}"
+        try:
+            response = await post(
+                self._client, url, timeout=self.timeout, headers=self._headers(), content=PAYLOAD
+            )
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            log.warning("APNs send for %s failed: %s", token.digest, type(exc).__name__)
+            return transport_failure(exc)
+        delivery = _map_response(response)
+        if delivery.outcome is not Outcome.SENT:
+            log.info(
+                "APNs answered %s %s for %s", response.status_code, delivery.details, token.digest
+            )
+        return delivery
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _map_response(response: httpx.Response) -> Delivery:
+    """Map an APNs answer: only permanent token errors become GONE."""
+    status = response.status_code
+    if status == 200:
+        return Delivery.sent()
+    reason = ""
+    try:
+        body = json.loads(response.content)
+        if isinstance(body, dict):
+            reason = label(body.get("reason", ""))
+    except ValueError:
+        pass
+    if status == 410 or reason in GONE_REASONS:
+        return Delivery(Outcome.GONE, str(status), reason or "Unregistered")
+    retry_after = None
+    if status == 429 or "retry-after" in response.headers:
+        retry_after = parse_retry_after(response.headers.get("retry-after"), DEFAULT_RETRY_AFTER)
+    return Delivery(Outcome.RETRY, str(status), reason, retry_after)
+
+
+def _load_p12(
+    path: Path, password: bytes | None
+) -> tuple[pkcs12.PKCS12PrivateKeyTypes, x509.Certificate, list[x509.Certificate]]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ProviderConfigError(f"APNs certificate {path}: {exc.strerror or exc}") from exc
+    try:
+        key, cert, chain = pkcs12.load_key_and_certificates(data, password or None)
+    except (ValueError, TypeError) as exc:
+        # Wrong password and corrupt file look the same ("mac verify failure").
+        raise ProviderConfigError(f"APNs certificate {path}: cannot decrypt/parse: {exc}") from exc
+    if key is None or cert is None:
+        raise ProviderConfigError(f"APNs certificate {path}: needs a private key and a certificate")
+    log.info(
+        "APNs certificate %s valid until %s",
+        cert.subject.rfc4514_string(),
+        cert.not_valid_after_utc,
+    )
+    return key, cert, list(chain)
+
+
+def _load_client_cert(
+    ctx: ssl.SSLContext,
+    key: pkcs12.PKCS12PrivateKeyTypes,
+    cert: x509.Certificate,
+    chain: list[x509.Certificate],
+) -> None:
+    """Put the client certificate into ``ctx``.
+
+    :mod:`ssl` loads keys only from files.  The key is written re-encrypted
+    with a random one-time password into a private temporary directory that is
+    removed at once, so the plaintext key never touches the disk.
+    """
+    one_time = secrets.token_bytes(32)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    pem += key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(one_time),
+    )
+    with tempfile.TemporaryDirectory(prefix="apns-") as tmp:
+        path = os.path.join(tmp, "client.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        try:
+            ctx.load_cert_chain(path, password=one_time)
+        except ssl.SSLError as exc:
+            raise ProviderConfigError(f"APNs certificate unusable for TLS: {exc}") from exc

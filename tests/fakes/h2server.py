@@ -1,0 +1,252 @@
+"""A small HTTP/2-over-TLS server built on ``h2`` and asyncio, run in a thread.
+
+Why not hypercorn: tests need to count TLS connections exactly and to send
+GOAWAY or drop a connection on demand, which an ASGI app cannot do.  The
+server runs its own event loop in a background thread, so it works from sync
+and async tests alike and never shares the test's loop.
+
+Scripting: ``server.script(Reply(...), ...)`` queues replies used in order;
+when the queue is empty ``server.default`` answers.  A ``handler`` callable
+(request -> Reply | None) runs first and may answer instead (auth checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+
+
+@dataclass
+class Request:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]  # regular headers in wire order, names lower-case
+    body: bytes
+    http_version: str  # "2" when ALPN negotiated h2
+    connection: int  # 1-based number of the TLS connection that carried it
+    peer_cert: dict | None = None  # the client certificate (mTLS), as ssl.getpeercert()
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def header_dict(self) -> dict[str, str]:
+        return dict(self.headers)
+
+
+@dataclass
+class Reply:
+    """A scripted answer.  ``action``: ``goaway`` (answer, then GOAWAY),
+    ``refuse`` (GOAWAY that rejects this stream, no answer), ``close`` (drop the
+    TCP connection, no answer).  ``delay`` postpones the answer (timeouts)."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    action: str = ""
+    delay: float = 0.0
+
+    @classmethod
+    def json(cls, status: int, text: str, **kw) -> Reply:
+        return cls(status, text.encode(), [("content-type", "application/json")], **kw)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, server: FakeH2Server) -> None:
+        self.server = server
+        self.streams: dict[int, tuple[list[tuple[str, str]], bytearray]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.number = self.server._new_connection(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
+        self.peer_cert = ssl_object.getpeercert() if ssl_object else None
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._protocols.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.flush()
+            self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self.streams[event.stream_id] = (list(event.headers), bytearray())
+            elif isinstance(event, h2.events.DataReceived):
+                if event.stream_id in self.streams:
+                    self.streams[event.stream_id][1].extend(event.data)
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.request_done(event.stream_id)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.transport.close()
+            elif isinstance(event, h2.events.StreamReset):
+                self.streams.pop(event.stream_id, None)
+        self.flush()
+
+    def request_done(self, stream_id: int) -> None:
+        raw_headers, body = self.streams.pop(stream_id)
+        pseudo = {k: v for k, v in raw_headers if k.startswith(":")}
+        request = Request(
+            method=pseudo.get(":method", ""),
+            path=pseudo.get(":path", ""),
+            headers=[(k, v) for k, v in raw_headers if not k.startswith(":")],
+            body=bytes(body),
+            http_version="2" if self.alpn == "h2" else str(self.alpn),
+            connection=self.number,
+            peer_cert=self.peer_cert,
+        )
+        reply = self.server._answer(request)
+        if reply.action == "close":
+            self.transport.abort()
+            return
+        if reply.action == "refuse":
+            self.conn.close_connection(last_stream_id=max(stream_id - 2, 0))
+            self.flush()
+            return
+        if reply.delay:
+            loop = asyncio.get_running_loop()
+            loop.call_later(reply.delay, self.respond, stream_id, reply)
+        else:
+            self.respond(stream_id, reply)
+
+    def respond(self, stream_id: int, reply: Reply) -> None:
+        if self.transport.is_closing():
+            return
+        headers = [(":status", str(reply.status)), *reply.headers]
+        headers.append(("content-length", str(len(reply.body))))
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=not reply.body)
+            if reply.body:
+                self.conn.send_data(stream_id, reply.body, end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            return  # the client gave up (timeout) and reset the stream
+        if reply.action == "goaway":
+            self.conn.close_connection(last_stream_id=stream_id)
+        self.flush()
+
+
+class FakeH2Server:
+    """HTTP/2 over TLS on 127.0.0.1, in a background thread.
+
+    ``ssl_context`` is the server context (certificate, optional client-cert
+    requirement).  ``url`` is ``https://127.0.0.1:<port>``.  ``requests`` lists
+    every :class:`Request`; ``connections`` counts accepted TLS connections.
+    """
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        handler: Callable[[Request], Reply | None] | None = None,
+    ) -> None:
+        ssl_context.set_alpn_protocols(["h2"])
+        self._ssl_context = ssl_context
+        self.handler = handler
+        self.default = Reply(200)
+        self.requests: list[Request] = []
+        self.connections = 0
+        self._replies: collections.deque[Reply] = collections.deque()
+        self._lock = threading.Lock()
+        self._protocols: set[_Protocol] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeH2Server:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
+        self._server = future.result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _listen(self) -> asyncio.base_events.Server:
+        return await self._loop.create_server(
+            lambda: _Protocol(self), "127.0.0.1", 0, ssl=self._ssl_context
+        )
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            for protocol in list(self._protocols):
+                protocol.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> FakeH2Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- scripting -----------------------------------------------------------
+
+    def script(self, *replies: Reply) -> None:
+        """Queue replies; each request takes the next one, then ``default``."""
+        with self._lock:
+            self._replies.extend(replies)
+
+    def close_connections(self) -> None:
+        """Drop every open connection now (as a restarting server would)."""
+        for protocol in list(self._protocols):
+            self._loop.call_soon_threadsafe(protocol.transport.abort)
+
+    def goaway_all(self) -> None:
+        """Send GOAWAY (no error) on every open connection, as APNs does when draining."""
+
+        def goaway() -> None:
+            for protocol in list(self._protocols):
+                protocol.conn.close_connection()
+                protocol.flush()
+
+        self._loop.call_soon_threadsafe(goaway)
+
+    def _new_connection(self, protocol: _Protocol) -> int:
+        with self._lock:
+            self.connections += 1
+            self._protocols.add(protocol)
+            return self.connections
+
+    def _answer(self, request: Request) -> Reply:
+        with self._lock:
+            self.requests.append(request)
+        if self.handler is not None:
+            reply = self.handler(request)
+            if reply is not None:
+                return reply
+        with self._lock:
+            return self._replies.popleft() if self._replies else self.default
