@@ -1,0 +1,179 @@
+"""``chatmail-metadata`` as a subprocess: help, startup errors, readiness, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers_chatmaild import ALICE, priv
+
+VENV_BIN = Path(sys.executable).parent
+EXE = VENV_BIN / "chatmail-metadata"
+
+
+def command() -> list[str]:
+    if EXE.exists():
+        return [str(EXE)]
+    return [sys.executable, "-m", "chatmaild.cli"]
+
+
+def write_ini(directory: Path, mailboxes: Path, extra: str = "") -> Path:
+    path = directory / "chatmail.ini"
+    path.write_text(f"[params]\nmail_domain = example.org\nmailboxes_dir = {mailboxes}\n{extra}")
+    return path
+
+
+def run(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command(), *map(str, args)], capture_output=True, text=True, timeout=30, **kw
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    # startup INFO log lines may come first; the error itself is one last line
+    assert errors == lines[-1:], proc.stderr
+    assert lines[-1].startswith("chatmail-metadata: error:")
+    assert match in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help():
+    proc = run(["--help"])
+    assert proc.returncode == 0
+    assert "socket" in proc.stdout and "config" in proc.stdout and "--db" in proc.stdout
+
+
+def test_missing_ini(tmp_path):
+    assert_clean_error(run([tmp_path / "s", tmp_path / "nope.ini"]), "not found")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("garbage without sections\n", "invalid config"),
+        ("[params]\n", "mail_domain"),
+        ("[params]\nmail_domain = x\n[metadata]\nmax_attributes = lots\n", "max_attributes"),
+    ],
+)
+def test_invalid_ini(tmp_path, content, match):
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text(content)
+    assert_clean_error(run([tmp_path / "s", ini]), match)
+
+
+def test_missing_mailboxes_dir(tmp_path):
+    ini = write_ini(tmp_path, tmp_path / "nope")
+    assert_clean_error(run([tmp_path / "s", ini]), "does not exist")
+
+
+def test_missing_database_directory(tmp_path):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    proc = run([tmp_path / "s", ini, "--db", tmp_path / "nope" / "db.sqlite3"])
+    assert_clean_error(proc, "does not exist")
+    assert not (tmp_path / "s").exists()
+
+
+def test_unwritable_database_directory(tmp_path):
+    if os.geteuid() != 0:
+        (tmp_path / "mb").mkdir()
+        ini = write_ini(tmp_path, tmp_path / "mb")
+        (tmp_path / "mb").chmod(0o555)
+        try:
+            assert_clean_error(run([tmp_path / "s", ini]), "cannot open database")
+        finally:
+            (tmp_path / "mb").chmod(0o755)
+        return
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root privileges")
+    # root ignores permissions: run as nobody on a root-owned, world-readable directory
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        (base / "mb").mkdir(mode=0o755)
+        ini = write_ini(base, base / "mb")
+        ini.chmod(0o644)
+        setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        proc = subprocess.run(
+            [*setpriv, *command(), str(base / "s"), str(ini)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert_clean_error(proc, "cannot open database")
+    finally:
+        shutil.rmtree(base)
+
+
+def test_socket_in_missing_directory(tmp_path):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    assert_clean_error(run([tmp_path / "nope" / "metadata.socket", ini]), "does not exist")
+
+
+def test_socket_path_is_a_regular_file(tmp_path):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    (tmp_path / "s").write_text("keep me")
+    assert_clean_error(run([tmp_path / "s", ini]), "not a socket")
+    assert (tmp_path / "s").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serves_and_shuts_down_cleanly(tmp_path, sig):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    sock_path = tmp_path / "metadata.socket"
+    notify_path = tmp_path / "notify.socket"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    env["NOTIFY_SOCKET"] = str(notify_path)
+    proc = subprocess.Popen(
+        [*command(), str(sock_path), str(ini), "--socket-mode", "0660"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert b"READY=1" in notify.recv(4096)  # sent after the socket listens
+        assert (os.stat(sock_path).st_mode & 0o777) == 0o660
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(10)
+            c.connect(str(sock_path))
+            a = ALICE.encode()
+            c.sendall(
+                b"H3\t2\t0\t\tmetadata\n"
+                b"B1\t" + a + b"\nS1\t" + priv("devicetoken") + b"\ttok\nC1\n"
+                b"L" + priv("devicetoken") + b"\t" + a + b"\n"
+            )
+            data = b""
+            while data.count(b"\n") < 2:
+                chunk = c.recv(4096)
+                assert chunk, data
+                data += chunk
+            assert data == b"O1\nOtok\n"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert proc.returncode == 0, err
+    assert not sock_path.exists()
+    assert "Traceback" not in err
+    assert "tok\n" not in err
+    assert (tmp_path / "mb" / "chatmail-metadata.sqlite3").exists()
