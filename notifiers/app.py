@@ -1,0 +1,87 @@
+"""aiohttp front end of :class:`~notifiers.service.NotifyService` (upstream's HTTP API).
+
+``POST /notify`` takes the raw token as the body (no JSON, no trimming),
+``POST /register`` takes ``{"token": ...}``, ``GET /`` says hello.  Bodies are
+limited (default 8 KiB, 413 past it: a token is at most a few hundred bytes,
+an encrypted one about 1 KiB) and must be UTF-8 (else 400).  Unknown paths are
+404 and wrong methods 405 (aiohttp's router).  Metrics live on a separate app so
+that they can be bound to a private address.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .metrics import CONTENT_TYPE, ProxyMetrics
+from .service import NotifyResult, NotifyService
+
+DEFAULT_BODY_LIMIT = 8 * 1024
+
+SERVICE_KEY: web.AppKey[NotifyService] = web.AppKey("service", NotifyService)
+METRICS_KEY: web.AppKey[ProxyMetrics] = web.AppKey("metrics", ProxyMetrics)
+
+
+def _answer(result: NotifyResult) -> web.Response:
+    return web.Response(status=result.status, text=result.message)
+
+
+async def _read_text(request: web.Request) -> str | web.Response:
+    """The body as text, or the error response (413 too large, 400 not UTF-8 or empty)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return web.Response(status=413, text="request body too large")
+    if not raw:
+        return web.Response(status=400, text="empty body")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return web.Response(status=400, text="body is not valid UTF-8")
+
+
+async def _notify(request: web.Request) -> web.Response:
+    body = await _read_text(request)
+    if isinstance(body, web.Response):
+        return body
+    return _answer(await request.app[SERVICE_KEY].notify(body))
+
+
+async def _register(request: web.Request) -> web.Response:
+    body = await _read_text(request)
+    if isinstance(body, web.Response):
+        return body
+    return _answer(await request.app[SERVICE_KEY].register(body))
+
+
+async def _hello(request: web.Request) -> web.Response:
+    return web.Response(text="Hello, world!")
+
+
+def make_app(service: NotifyService, *, body_limit: int = DEFAULT_BODY_LIMIT) -> web.Application:
+    """The main API.  Starts the service's background task and closes it with the app."""
+    app = web.Application(client_max_size=body_limit)
+    app[SERVICE_KEY] = service
+    app.router.add_post("/notify", _notify)
+    app.router.add_post("/register", _register)
+    app.router.add_get("/", _hello)
+
+    async def lifecycle(app: web.Application):
+        await service.start()
+        yield
+        await service.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_metrics_app(metrics: ProxyMetrics) -> web.Application:
+    """``GET /metrics`` in OpenMetrics text, for the separate metrics listener."""
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", _metrics)
+    return app

@@ -1,0 +1,76 @@
+"""``notifiers``: run the push proxy's HTTP API (and optionally its metrics listener).
+
+Startup logs which providers are enabled.  A broken key or certificate file is
+one line on stderr and exit status 1 (not a traceback), because that is what an
+operator sees in ``systemctl status``.  SIGTERM and SIGINT stop the listeners,
+let requests in flight finish, close the provider connections and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .app import make_app, make_metrics_app
+from .providers.base import ProviderConfigError
+from .settings import ProxySettings, build_service, settings_from_args
+
+log = logging.getLogger("notifiers")
+
+
+async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    service = build_service(settings)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runners: list[web.AppRunner] = []
+    try:
+        runner = web.AppRunner(make_app(service, body_limit=settings.body_limit))
+        runners.append(runner)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("listening on http://%s:%d", settings.host, settings.port)
+        address = settings.metrics_address
+        if address is not None:
+            metrics_runner = web.AppRunner(make_metrics_app(service.metrics))
+            runners.append(metrics_runner)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, *address).start()
+            log.info("metrics on http://%s:%d/metrics", *address)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await service.aclose()  # idempotent; also when the app never started
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(serve(settings))
+    except ProviderConfigError as exc:
+        print(f"notifiers: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the port is taken
+        print(f"notifiers: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

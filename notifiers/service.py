@@ -1,0 +1,292 @@
+"""The push proxy's core, independent of the transport (HTTP app or embedded).
+
+:class:`NotifyService` turns one ``/notify`` body into one HTTP-equivalent
+status, with the contract the relays rely on: **200** done (sent or debounced),
+**410** the token is dead and the relay deletes it, anything else (400, 500)
+means "keep the token, maybe retry".  Only a provider's verdict that a token is
+permanently dead (or an ``openpgp:`` token that no key opens) may give 410;
+configuration gaps, malformed tokens and throttling never do, because a 410
+makes the relay delete a token that may be fine.
+
+Order of steps for ``/notify``: decrypt ``openpgp:`` → parse the grammar →
+debounce on the plaintext → dispatch to the provider for the token's kind.
+Parsing comes before debouncing (upstream debounces first) so a malformed token
+is always answered 400 and never occupies the debouncer.  Debounced trailing
+sends are made by a background task through the same dispatch path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from .debounce import Debouncer
+from .metrics import ProxyMetrics
+from .providers.base import Delivery, Outcome, Provider
+from .tokens import Kind, PushToken, TokenError, parse_token, token_digest
+
+log = logging.getLogger(__name__)
+
+OPENPGP_PREFIX = "openpgp:"
+
+#: Metric label of each token kind (both APNs environments count as APNS).
+PROVIDER_LABEL: dict[Kind, str] = {
+    Kind.APNS: "APNS",
+    Kind.APNS_SANDBOX: "APNS",
+    Kind.FCM: "FCM",
+    Kind.UBPORTS: "UBports",
+    Kind.WEBPUSH: "WebPush",
+}
+
+#: Upstream's symbolic failure reason when no client is configured for a kind.
+MISSING_REASON: dict[Kind, str] = {
+    Kind.APNS: "no_certificate",
+    Kind.APNS_SANDBOX: "no_certificate",
+    Kind.FCM: "no_api_key",
+    Kind.UBPORTS: "not_configured",
+    Kind.WEBPUSH: "no_vapid_key",
+}
+
+_STATUS = {Outcome.SENT: 200, Outcome.GONE: 410, Outcome.RETRY: 500}
+
+#: ``async decrypt(token) -> plaintext`` for ``openpgp:`` tokens (it gets the whole
+#: token, prefix included, so it can forward what it cannot open).  It raises
+#: :class:`DecryptionError` when no key opens the token.
+Decryptor = Callable[[str], Awaitable[str]]
+
+
+class DecryptionError(Exception):
+    """No configured key opens this ``openpgp:`` token (answered 410, as upstream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyResult:
+    """HTTP-equivalent answer: ``status`` and a short plain-text ``message`` (no token)."""
+
+    status: int
+    message: str
+
+
+class NotifyService:
+    """Decrypt, parse, debounce and dispatch notifications; count and log outcomes.
+
+    ``providers`` maps each token kind to the provider that serves it (usually
+    a :class:`~notifiers.ratelimit.RateLimitedProvider`); kinds not in the map
+    are answered 500 with upstream's ``no_certificate``/``no_api_key``/
+    ``no_vapid_key`` failure reason.  All methods must run on one event loop.
+    """
+
+    def __init__(
+        self,
+        providers: Mapping[Kind, Provider],
+        *,
+        metrics: ProxyMetrics | None = None,
+        debouncer: Debouncer | None = None,
+        decryptor: Decryptor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.providers = dict(providers)
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
+        self.debouncer = debouncer if debouncer is not None else Debouncer()
+        self.decryptor = decryptor
+        self._clock = clock
+        self._wakeup: asyncio.Event | None = None
+        self._trailing_task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[object]] = set()
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background task that makes the debouncer's trailing sends."""
+        self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        if self._trailing_task is None and not self._closed:
+            self._wakeup = asyncio.Event()
+            self._trailing_task = asyncio.get_running_loop().create_task(
+                self._trailing_loop(), name="notifiers-trailing-sends"
+            )
+
+    async def aclose(self) -> None:
+        """Stop the background task, wait for sends in flight, close the providers.
+
+        Trailing sends still scheduled are dropped: the relay already got 200 for
+        them, and the next mail to the address wakes the phone again.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._trailing_task is not None:
+            self._trailing_task.cancel()
+            await asyncio.gather(self._trailing_task, return_exceptions=True)
+            self._trailing_task = None
+        if self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
+        pending = self.debouncer.pending_count
+        if pending:
+            log.info("shutting down with %d trailing debounced sends not made", pending)
+        closed: set[int] = set()
+        for provider in self.providers.values():
+            if id(provider) not in closed:
+                closed.add(id(provider))
+                try:
+                    await provider.aclose()
+                except Exception:
+                    log.exception("closing provider %s failed", provider.name)
+
+    # -- /notify ------------------------------------------------------------------
+
+    async def notify(self, body: str) -> NotifyResult:
+        """Handle one ``/notify`` body (the raw token) and say what to answer."""
+        self._ensure_started()
+        token = body
+        if token.startswith(OPENPGP_PREFIX):
+            if self.decryptor is None:
+                log.error("openpgp token %s: no keyring configured", token_digest(token))
+                return NotifyResult(500, "openpgp tokens not supported: no keyring configured")
+            try:
+                token = (await self.decryptor(token)).strip()
+            except DecryptionError as exc:
+                self.metrics.openpgp_decryption_failures.inc()
+                log.error("cannot decrypt openpgp token %s: %s", token_digest(body), exc)
+                return NotifyResult(410, "cannot decrypt token")
+            except Exception:
+                log.exception("decrypting openpgp token %s failed", token_digest(body))
+                return NotifyResult(500, "decryption failed")
+        try:
+            parsed = parse_token(token)
+        except TokenError as exc:
+            log.info("malformed token %s: %s", token_digest(token), exc)
+            return NotifyResult(400, f"malformed token: {exc}")
+
+        send_now = self.debouncer.hit(token, self._clock())
+        # A trailing send may have been scheduled, or an owed one evicted by the cap.
+        self._wake()
+        self.metrics.debounced_set_size.set(len(self.debouncer))
+        if not send_now:
+            self.metrics.debounced_notifications.inc()
+            log.debug("debounced %s token %s", parsed.kind.value, parsed.digest)
+            return NotifyResult(200, "debounced")
+        return await self.dispatch(parsed)
+
+    async def dispatch(self, token: PushToken) -> NotifyResult:
+        """Send ``token`` through its provider; count, time and log the outcome."""
+        label = PROVIDER_LABEL[token.kind]
+        provider = self.providers.get(token.kind)
+        if provider is None:
+            reason = MISSING_REASON[token.kind]
+            self.metrics.failed(label, reason)
+            log.warning("no %s provider configured for token %s", token.kind.value, token.digest)
+            return NotifyResult(500, f"no provider configured for {token.kind.value} tokens")
+        started = time.perf_counter()
+        try:
+            delivery = await provider.send(token)
+        except Exception as exc:  # providers should not raise; never let it be a 410
+            log.exception("%s provider raised for token %s", label, token.digest)
+            delivery = Delivery(Outcome.RETRY, "send", type(exc).__name__)
+        finally:
+            self.metrics.notification_latency.labels(label).observe(time.perf_counter() - started)
+        status = _STATUS[delivery.outcome]
+        if delivery.outcome is Outcome.SENT:
+            self.metrics.sent(label)
+            log.debug("sent %s push to token %s", token.kind.value, token.digest)
+            return NotifyResult(status, "sent")
+        reason = delivery.reason or "send"
+        self.metrics.failed(label, reason, delivery.details)
+        level = logging.INFO if delivery.outcome is Outcome.GONE else logging.WARNING
+        log.log(
+            level,
+            "%s push to token %s failed: %s %s (%s -> %d)",
+            token.kind.value,
+            token.digest,
+            reason,
+            delivery.details,
+            delivery.outcome.value,
+            status,
+        )
+        message = "token is gone" if status == 410 else f"push failed: {reason}"
+        return NotifyResult(status, message)
+
+    # -- /register ----------------------------------------------------------------
+
+    async def register(self, body: str) -> NotifyResult:
+        """Handle ``/register`` (JSON ``{"token": ...}``) from old iOS clients.
+
+        Heartbeats (periodic silent pushes) are NOT implemented: chatmail core
+        removed heartbeat registration in 2026 (core PR #8452, for privacy: the
+        proxy saw users' IP addresses) and it only ever served iOS on classic
+        mail servers.  So the token is validated and counted, and 200 is
+        answered so that old clients do not retry forever; nothing is scheduled.
+        """
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return NotifyResult(400, "invalid JSON")
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(token, str):
+            return NotifyResult(400, 'expected JSON {"token": "<string>"}')
+        if token.startswith(OPENPGP_PREFIX):
+            if self.decryptor is None:
+                return NotifyResult(500, "openpgp tokens not supported: no keyring configured")
+            try:
+                token = (await self.decryptor(token)).strip()
+            except Exception as exc:  # upstream: 500, no metric, on /register
+                log.error("cannot decrypt openpgp token for /register: %s", exc)
+                return NotifyResult(500, "cannot decrypt token")
+        try:
+            parsed = parse_token(token)
+        except TokenError as exc:
+            return NotifyResult(400, f"malformed token: {exc}")
+        self.metrics.heartbeat_registrations.inc()
+        log.info(
+            "heartbeat registration for %s token %s (heartbeats not implemented)",
+            parsed.kind.value,
+            parsed.digest,
+        )
+        return NotifyResult(200, "")
+
+    # -- trailing debounced sends ---------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _trailing_loop(self) -> None:
+        assert self._wakeup is not None
+        wakeup = self._wakeup
+        while True:
+            wakeup.clear()
+            next_due = self.debouncer.next_due()
+            if next_due is None:
+                await wakeup.wait()
+                continue
+            delay = next_due - self._clock()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), delay)
+                continue
+            for token in self.debouncer.due(self._clock()):
+                task = asyncio.get_running_loop().create_task(self._trailing_send(token))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
+            self.metrics.debounced_set_size.set(len(self.debouncer))
+
+    async def _trailing_send(self, token: str) -> None:
+        try:
+            parsed = parse_token(token)
+        except TokenError:  # cannot happen: only parsed tokens are debounced
+            return
+        try:
+            result = await self.dispatch(parsed)
+        except Exception:
+            log.exception("trailing send to token %s failed", parsed.digest)
+            return
+        log.debug(
+            "trailing send to %s token %s: %d", parsed.kind.value, parsed.digest, result.status
+        )
