@@ -96,26 +96,43 @@ def load(args: argparse.Namespace) -> Config:
 
 async def serve(config: Config, args: argparse.Namespace) -> int:
     conn = connect(config.database_path, config.synchronous)
-    store = MetadataStore(conn)
-    metrics = RelayMetrics()
-    proxy, notifier = start_notifier(config, metrics)
-    if args.metrics:
-        metrics.serve(args.metrics)
-        log.info("metrics on http://%s/metrics", args.metrics)
-    backend = MetadataDict(
-        store,
-        ServerKeys(config),
-        limits=config.limits,
-        hook=notifier,
-        delivery_dict=config.delivery_dict,
-    )
     fds = listen_fds()
     if fds:
         sock = socket.socket(fileno=fds[0])
         sock.setblocking(False)
     else:
         sock = bind_unix_socket(args.socket, args.socket_mode)
-    server, _stats = await start_dict_server(backend, sock, config.limits.max_line_bytes)
+    metrics = RelayMetrics()
+    proxy = notifier = None
+    try:
+        proxy, notifier = start_notifier(config, metrics)
+        if args.metrics:
+            metrics.serve(args.metrics)
+            log.info("metrics on http://%s/metrics", args.metrics)
+        backend = MetadataDict(
+            MetadataStore(conn),
+            ServerKeys(config),
+            limits=config.limits,
+            hook=notifier,
+            delivery_dict=config.delivery_dict,
+        )
+        server, _stats = await start_dict_server(backend, sock, config.limits.max_line_bytes)
+        await _run_until_signalled(args, config)
+        server.close()
+        await server.wait_closed()
+    finally:
+        if notifier is not None:
+            await asyncio.to_thread(notifier.stop)
+        if proxy is not None:
+            await asyncio.to_thread(proxy.stop)
+        conn.close()
+        if not fds:
+            with contextlib.suppress(OSError):
+                os.unlink(args.socket)
+    return 0
+
+
+async def _run_until_signalled(args: argparse.Namespace, config: Config) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,17 +145,6 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         watchdog.cancel()
     log.info("shutting down")
     notify("STOPPING=1")
-    server.close()
-    await server.wait_closed()
-    if notifier is not None:
-        await asyncio.to_thread(notifier.stop)
-    if proxy is not None:
-        await asyncio.to_thread(proxy.stop)
-    conn.close()
-    if not fds:
-        with contextlib.suppress(OSError):
-            os.unlink(args.socket)
-    return 0
 
 
 async def _watchdog() -> None:

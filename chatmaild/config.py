@@ -8,6 +8,7 @@ about unknown keys in ``[params]``, and we add none there).
 from __future__ import annotations
 
 import configparser
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,8 +119,8 @@ def _apply_metadata_section(cfg: Config, sec: configparser.SectionProxy, path: P
             value = conv(raw.strip())
         except ValueError:
             raise ConfigError(f"{path}: [metadata] {key} must be a number, got {raw!r}") from None
-        if value < 0:
-            raise ConfigError(f"{path}: [metadata] {key} must not be negative")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{path}: [metadata] {key} must be a finite, non-negative number")
         return value
 
     if sec.get("database", "").strip():
@@ -145,7 +146,10 @@ def _apply_metadata_section(cfg: Config, sec: configparser.SectionProxy, path: P
     if delays:
         try:
             n.retry_delays = tuple(float(x) for x in delays.replace(",", " ").split())
+            if not all(math.isfinite(d) and d >= 0 for d in n.retry_delays):
+                raise ValueError
         except ValueError:
             raise ConfigError(
-                f"{path}: [metadata] notify_retry_delays must be numbers, got {delays!r}"
+                f"{path}: [metadata] notify_retry_delays must be non-negative numbers, "
+                f"got {delays!r}"
             ) from None

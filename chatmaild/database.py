@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     guid    TEXT NOT NULL DEFAULT '',
     created INTEGER NOT NULL,
     set_at  INTEGER NOT NULL,
+    touched INTEGER NOT NULL DEFAULT 0,  -- per-user sequence of sets: orders sets within a second
     PRIMARY KEY (user, token)
 );
 

@@ -425,7 +425,7 @@ _OVERSIZED = object()
 def _int(raw: bytes, signed: bool = False) -> int:
     s = raw.strip(b" ")
     body = s[1:] if signed and s[:1] == b"-" else s
-    if not body.isdigit():
+    if not body.isdigit() or len(body) > 20:
         raise _BadCommand(f"not a number: {raw[:20]!r}")
     return int(s)
 

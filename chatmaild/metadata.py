@@ -122,7 +122,7 @@ class MetadataDict:
         rows: list[tuple[bytes, bytes]] = []
         want_values = not ev.flags & dp.ITER_NO_VALUE
         if ev.prefix.startswith(b"priv/") or b"priv/".startswith(ev.prefix):
-            guids = self.store.token_guids(ev.user)
+            guids = self.store.token_guids(ev.user, int(self.clock()))
             if guids:
                 value = b""
                 if want_values:

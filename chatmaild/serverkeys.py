@@ -45,8 +45,10 @@ def read_appversions(path: Path) -> bytes | None:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-async def read_turn_credentials(socket_path: str, timeout: float = TURN_TIMEOUT) -> str:
+async def read_turn_credentials(socket_path: str, timeout: float | None = None) -> str:
     """One line from the chatmail-turn helper's Unix socket (raises on any failure)."""
+    if timeout is None:
+        timeout = TURN_TIMEOUT
 
     async def _read() -> bytes:
         reader, writer = await asyncio.open_unix_connection(socket_path)

@@ -95,33 +95,38 @@ class MetadataStore:
             self._prune(user, now)
         return valid
 
-    def token_guids(self, user: str) -> list[str]:
+    def token_guids(self, user: str, now: int) -> list[str]:
+        """Mailbox GUIDs under which the user's valid tokens were set (for listings)."""
         rows = self.conn.execute(
-            "SELECT DISTINCT guid FROM tokens WHERE user=? ORDER BY guid", (user,)
+            "SELECT DISTINCT guid FROM tokens WHERE user=? AND set_at>? AND set_at<? ORDER BY guid",
+            (user, now - self.policy.validity, now + self.policy.future_guard),
         ).fetchall()
         return [g for (g,) in rows]
 
     def add_token(self, user: str, token: str, now: int, guid: str = "") -> None:
         """Add or refresh ``token``; keep ``max_per_user``, evicting the least recently set."""
         self.conn.execute(
-            "INSERT INTO tokens(user, token, guid, created, set_at) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(user, token) DO UPDATE SET set_at=excluded.set_at, guid=excluded.guid",
-            (user, token, guid, now, now),
+            "INSERT INTO tokens(user, token, guid, created, set_at, touched) VALUES (?,?,?,?,?,"
+            " (SELECT coalesce(max(touched), 0) + 1 FROM tokens WHERE user=?)) "
+            "ON CONFLICT(user, token) DO UPDATE SET set_at=excluded.set_at, guid=excluded.guid,"
+            " touched=excluded.touched",
+            (user, token, guid, now, now, user),
         )
         self._prune(user, now)
         self.conn.execute(
             "DELETE FROM tokens WHERE user=? AND rowid NOT IN ("
-            " SELECT rowid FROM tokens WHERE user=? ORDER BY set_at DESC, rowid DESC LIMIT ?)",
+            " SELECT rowid FROM tokens WHERE user=? ORDER BY set_at DESC, touched DESC LIMIT ?)",
             (user, user, self.policy.max_per_user),
         )
 
     def import_token(self, user: str, token: str, set_at: int) -> bool:
         """Insert a token with a given timestamp (migration); True if it was new or newer."""
         cur = self.conn.execute(
-            "INSERT INTO tokens(user, token, created, set_at) VALUES (?,?,?,?) "
+            "INSERT INTO tokens(user, token, created, set_at, touched) VALUES (?,?,?,?,"
+            " (SELECT coalesce(max(touched), 0) + 1 FROM tokens WHERE user=?)) "
             "ON CONFLICT(user, token) DO UPDATE SET set_at=excluded.set_at "
             "WHERE excluded.set_at > tokens.set_at",
-            (user, token, set_at, set_at),
+            (user, token, set_at, set_at, user),
         )
         return cur.rowcount > 0
 

@@ -255,11 +255,6 @@ def test_bad_metadata_values(tmp_path, line):
     assert line.split()[0] in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config accepts NaN (float('nan') passes the `value < 0` check) and negative "
-    "retry delays (notify_retry_delays is never range-checked) in [metadata]",
-)
 @pytest.mark.parametrize(
     "line", ["notify_timeout = nan", "notify_deadline = nan", "notify_retry_delays = 8 -64"]
 )

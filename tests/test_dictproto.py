@@ -164,11 +164,6 @@ def test_arbitrary_bytes_never_raise(data):
         check_refusal(ev)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: dictproto._int() calls int() on an unbounded digit string; Python 3.11 "
-    "raises ValueError (over 4300 digits) out of next_event() instead of answering F",
-)
 @pytest.mark.parametrize(
     "line",
     [

@@ -286,12 +286,6 @@ def test_socket_mode_applied(tmp_path, mode):
         sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a numeric field over 4300 digits makes dictproto._int() raise ValueError "
-    "out of data_received; asyncio closes the connection, so the I and the following L "
-    "get no reply at all",
-)
 def test_huge_number_field_answered_f(server):
     c = Client(server.path)
     c.send(HELLO + wire(b"I" + b"1" * 5000 + b"\t0\tpriv/\t" + ALICE.encode()))

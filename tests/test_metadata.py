@@ -514,21 +514,11 @@ def test_turn_silent_server_answers_n_after_timeout(tmp_path, monkeypatch):
     assert asyncio.run(_silent_server_lookup(tmp_path)) == b"N\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: serverkeys.read_turn_credentials binds TURN_TIMEOUT as a default argument "
-    "at import time, so changing serverkeys.TURN_TIMEOUT has no effect (always 5 s)",
-)
 def test_turn_timeout_constant_is_honoured(tmp_path, monkeypatch):
     monkeypatch.setattr(serverkeys, "TURN_TIMEOUT", 0.2)
     assert asyncio.run(_silent_server_lookup(tmp_path)) == b"N\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: MetadataDict._virtual_rows lists priv/<guid>/devicetoken from token_guids(), "
-    "which includes expired tokens, so I lists an entry (with an empty value) that L answers N",
-)
 def test_iterate_does_not_list_expired_devicetoken(s, clock):
     s.set(priv("devicetoken"), b"tok")
     clock.advance(91 * DAY)
