@@ -83,6 +83,9 @@ class ProxySettings:
     ubports_url: str | None = None
     vapid_key_path: Path | None = None
     openpgp_keyring_path: Path | None = None
+    # PEM CA bundle that verifies the push services' TLS certificates instead of the
+    # system's (private endpoints, tests); None = the default trust store
+    ca_file: Path | None = None
     # accepted for compatibility with upstream's command line; heartbeats are not implemented
     db: Path | None = None
     interval: str | None = None
@@ -112,6 +115,7 @@ _PATHS = {
     "vapid_key_path",
     "openpgp_keyring_path",
     "db",
+    "ca_file",
 }
 _INTS = {"port", "body_limit", "debounce_max_entries"}
 _FLOATS = {"debounce_seconds"}
@@ -255,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fcm-token-url", metavar="URL", help="OAuth token URL (tests)")
     add("--ubports-url", metavar="URL", help="UBports push base URL")
     add(
+        "--ca-file",
+        metavar="PATH",
+        help="PEM CA bundle to verify the push services' TLS certificates with, instead of "
+        "the system's (private endpoints, tests)",
+    )
+    add(
         "--no-ubports",
         dest="ubports",
         action="store_const",
@@ -344,6 +354,7 @@ def _build_apns(s: ProxySettings) -> tuple[Provider, Provider] | None:
                     topic=s.topic,
                     sandbox=sandbox,
                     base_url=url,
+                    verify=_verify(s),
                 )
             )
         else:
@@ -360,9 +371,14 @@ def _build_apns(s: ProxySettings) -> tuple[Provider, Provider] | None:
                     topic=s.topic,
                     sandbox=sandbox,
                     base_url=url,
+                    verify=_verify(s),
                 )
             )
     return pair[0], pair[1]
+
+
+def _verify(s: ProxySettings) -> str | bool:
+    return str(s.ca_file) if s.ca_file else True
 
 
 def _provider_class(module: str, name: str) -> Any:
@@ -415,6 +431,7 @@ def build_providers(s: ProxySettings) -> dict[Kind, Provider]:
             project_id=s.fcm_project_id,
             base_url=s.fcm_url,
             token_url=s.fcm_token_url,
+            verify=_verify(s),
         )
         providers[Kind.FCM] = _limited(fcm, lim["FCM"])
         log.info("FCM: enabled (key %s)", s.fcm_key_path)
@@ -422,7 +439,9 @@ def build_providers(s: ProxySettings) -> dict[Kind, Provider]:
         log.warning("FCM: disabled (no --fcm-key-path)")
     if s.ubports:
         UbportsProvider = _provider_class("ubports", "UbportsProvider")
-        providers[Kind.UBPORTS] = _limited(UbportsProvider(base_url=s.ubports_url), lim["UBports"])
+        providers[Kind.UBPORTS] = _limited(
+            UbportsProvider(base_url=s.ubports_url, verify=_verify(s)), lim["UBports"]
+        )
         log.info("UBports: enabled")
     else:
         log.warning("UBports: disabled")
