@@ -50,6 +50,9 @@ class Notifier:
         self.queue: DueQueue[int] = DueQueue(clock)
         self._staged: list[Job] = []
         self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._in_flight: set[tuple[str, str]] = set()
+        self._parked: dict[tuple[str, str], set[int]] = {}
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
 
     # -- NewMailHook (runs in the dict server's thread) ---------------------
@@ -116,6 +119,29 @@ class Notifier:
             conn.close()
 
     def _run(self, conn: sqlite3.Connection, transport: PushTransport, job_id: int) -> None:
+        """One push at a time per (user, token): a job whose token is in flight waits.
+
+        While it waits it stays unattempted, so further deliveries coalesce into it:
+        a burst of mail costs at most the push in flight plus one more.
+        """
+        key = jobqueue.job_key(conn, job_id)
+        if key is None:
+            return  # finished, removed with its token, or never committed
+        with self._lock:
+            if key in self._in_flight:
+                self._parked.setdefault(key, set()).add(job_id)
+                return
+            self._in_flight.add(key)
+        try:
+            self._attempt(conn, transport, job_id)
+        finally:
+            with self._lock:
+                self._in_flight.discard(key)
+                parked = self._parked.pop(key, ())
+            for waiting in parked:
+                self.queue.put(self.clock(), waiting)
+
+    def _attempt(self, conn: sqlite3.Connection, transport: PushTransport, job_id: int) -> None:
         job = jobqueue.claim(conn, job_id)
         if job is None:
             return  # finished, removed with its token, or never committed

@@ -196,7 +196,9 @@ def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
         sink.scripts["slowdeath"] = [500] * 10
         r.new_mail()
         wait_until(lambda: r.jobs() == 0)
-        assert len(sink.requests) == 2  # t=0 and t=0.3; t=0.6 is past the deadline
+        # t=0 and about t=0.3; the next (about t=0.6) is past the deadline: dropped
+        # long before the 5 attempts the policy allows.
+        assert 1 <= len(sink.requests) <= 2
         assert r.notifier.metrics.dropped._value.get() == 1
     finally:
         r.close()
