@@ -1,0 +1,225 @@
+"""Section "dict": dict operations per second over the Unix socket (issue 2).
+
+The server is a real ``chatmail-metadata`` subprocess (notify_url = off).  The
+client is one separate asyncio process (``asyncio.Protocol``, one request in
+flight per connection, as Dovecot does) driving 1 or 32 connections.  The
+baseline is the same client against a trivial asyncio server that answers
+``N\\n`` to every line that owes a reply: the floor of a Python socket round trip
+on this machine, with 2 cores shared by client and server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from common import ChildServer, DictSocket, guid, run_child, temp_dir, tree_cpu_seconds
+from table import Figure, at_least, print_table, ratio
+
+USERS = 64
+HELLO = b"H3\t2\t0\t\tmetadata\n"
+
+
+def _user(i: int) -> str:
+    return f"user{i}@example.org"
+
+
+def _key(i: int) -> bytes:
+    return f"priv/{guid(i)}/vendor/vendor.bench/k".encode()
+
+
+def requests(mode: str, conn_no: int) -> list[bytes]:
+    """Precomputed requests for one connection; each owes exactly one reply line."""
+    out = []
+    for j in range(USERS):
+        i = (conn_no * 7 + j) % USERS
+        user = _user(i).encode()
+        if mode == "lookup":
+            out.append(b"L" + _key(i) + b"\t" + user + b"\n")
+        else:
+            tid = str(j + 1).encode()
+            value = b"value-%d-%d" % (conn_no, j)
+            out.append(
+                b"B" + tid + b"\t" + user + b"\n"
+                b"S" + tid + b"\t" + _key(i) + b"\t" + value + b"\n"
+                b"C" + tid + b"\n"
+            )
+    return out
+
+
+class _ClientConn(asyncio.Protocol):
+    def __init__(self, reqs: list[bytes], deadline: float, max_ops: int, done: asyncio.Future):
+        self.reqs = reqs
+        self.deadline = deadline
+        self.max_ops = max_ops
+        self.done = done
+        self.ops = 0
+        self.failures = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def start(self) -> None:
+        assert self.transport is not None
+        self.transport.write(HELLO + self.reqs[0])
+
+    def data_received(self, data: bytes) -> None:
+        n = data.count(b"\n")
+        if not n:
+            return  # a partial reply line: wait for its end
+        if data[:1] == b"F":
+            self.failures += 1
+        self.ops += n
+        if self.ops >= self.max_ops or time.perf_counter() >= self.deadline:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        assert self.transport is not None
+        self.transport.write(self.reqs[self.ops % len(self.reqs)])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def dict_client(path: str, conns: int, mode: str, seconds: float, max_ops: int) -> dict:
+    """Child process: drive ``conns`` connections; ops/s over the slowest connection."""
+
+    async def main() -> dict:
+        loop = asyncio.get_running_loop()
+        protos: list[_ClientConn] = []
+        per_conn = max(1, max_ops // conns)
+        for c in range(conns):
+            done = loop.create_future()
+            proto = _ClientConn(requests(mode, c), 0.0, per_conn, done)
+            await loop.create_unix_connection(lambda p=proto: p, path)
+            protos.append(proto)
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        for p in protos:
+            p.deadline = t0 + seconds
+            p.start()
+        await asyncio.wait_for(asyncio.gather(*(p.done for p in protos)), seconds + 30)
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        for p in protos:
+            assert p.transport is not None
+            p.transport.close()
+        ops = sum(p.ops for p in protos)
+        return {
+            "ops": ops,
+            "elapsed": elapsed,
+            "client_cpu": cpu,
+            "failures": sum(p.failures for p in protos),
+        }
+
+    return asyncio.run(main())
+
+
+def echo_server(ready, stop, path: str) -> None:
+    """Child process: answers ``N`` to each line that owes a reply (L, I, C)."""
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            lines = (self.buf + data).split(b"\n")
+            self.buf = lines.pop()
+            n = sum(1 for line in lines if line[:1] in (b"L", b"I", b"C"))
+            if n:
+                self.transport.write(b"N\n" * n)  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(Echo, path, backlog=4096)
+        ready.send(path)
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        server.close()
+
+    asyncio.run(main())
+
+
+def _measure(path: Path, pid: int, conns: int, mode: str, seconds: float, max_ops: int) -> dict:
+
+    cpu0 = tree_cpu_seconds(pid)
+    result = run_child(dict_client, str(path), conns, mode, seconds, max_ops)
+    result["server_cpu"] = tree_cpu_seconds(pid) - cpu0
+    result["rate"] = result["ops"] / result["elapsed"]
+    return result
+
+
+def run(quick: bool) -> list[Figure]:
+    import dovecot_fixture as df
+
+    seconds = 1.5 if quick else 4.0
+    max_ops = 200_000 if quick else 1_000_000
+    rows = []
+    results: dict[tuple[str, int, str], dict] = {}
+    with temp_dir("dict") as run_dir:
+        sock = run_dir / "metadata.socket"
+        server = df.MetadataServer(run_dir, sock, "off")
+        server.start()
+        try:
+            assert server.proc is not None
+            setup = DictSocket(sock)
+            for i in range(USERS):  # so that lookups find a value
+                reply = setup.commit(_user(i), b"S" + _key(i) + b"\tinitial")
+                assert reply.startswith(b"O"), reply
+            setup.close()
+            for mode in ("lookup", "transaction"):
+                for conns in (1, 32):
+                    results[("ours", conns, mode)] = _measure(
+                        sock, server.proc.pid, conns, mode, seconds, max_ops
+                    )
+        finally:
+            server.stop()
+        echo_path = run_dir / "echo.socket"
+        with ChildServer(echo_server, str(echo_path)) as echo:
+            for mode in ("lookup", "transaction"):
+                for conns in (1, 32):
+                    results[("echo", conns, mode)] = _measure(
+                        echo_path, echo.pid, conns, mode, seconds, max_ops
+                    )
+    for mode in ("lookup", "transaction"):
+        for conns in (1, 32):
+            ours = results[("ours", conns, mode)]
+            base = results[("echo", conns, mode)]
+            rows.append(
+                [
+                    "lookups (L)" if mode == "lookup" else "transactions (B/S/C)",
+                    conns,
+                    ours["rate"],
+                    base["rate"],
+                    ratio(ours["rate"], base["rate"]),
+                    f"{100 * ours['server_cpu'] / ours['elapsed']:.0f}%",
+                    f"{100 * ours['client_cpu'] / ours['elapsed']:.0f}%",
+                    f"{100 * base['client_cpu'] / base['elapsed']:.0f}%",
+                    ours["failures"],
+                ]
+            )
+    print_table(
+        "dict: operations/s over the Unix socket (chatmail-metadata, notify off) "
+        f"vs. trivial asyncio echo server; {seconds:g} s per point",
+        [
+            "operation",
+            "conns",
+            "ours ops/s",
+            "echo ops/s",
+            "ours/echo",
+            "server CPU",
+            "client CPU",
+            "client CPU (echo)",
+            "F replies",
+        ],
+        rows,
+    )
+    return [
+        at_least(
+            "dict lookups/s, 1 connection", results[("ours", 1, "lookup")]["rate"], 20_000, "/s"
+        )
+    ]

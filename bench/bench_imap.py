@@ -1,0 +1,187 @@
+"""Section "imap": SETMETADATA + GETMETADATA through a real Dovecot (issue 2).
+
+The same Dovecot build and shipped config run twice in this section: once with
+``mail_attribute_dict = proxy:<socket>:metadata`` (our ``chatmail-metadata``,
+notify off) and once with Dovecot's built-in ``file:%h/dovecot-attributes``
+dict.  The same client (one process, one thread per IMAP session, each session
+on its own user) does a bounded number of SET+GET pairs per session.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import dovecot_fixture as df
+from common import run_child, temp_dir, tree_cpu_seconds
+from table import Figure, at_least, print_table, ratio
+
+PASSWORD = "benchpass"
+ENTRY = "/private/vendor/bench/key"
+
+
+def _users(n: int) -> list[str]:
+    return [f"bench{i}@example.org" for i in range(n)]
+
+
+class BenchDovecot(df.DovecotInstance):
+    """The shipped test instance, with more users and optionally the file: dict."""
+
+    def __init__(self, run_dir, binary: str, users: list[str], file_dict: bool) -> None:
+        super().__init__(run_dir, binary)
+        self.users = users
+        self.file_dict = file_dict
+
+    def write_config(self) -> None:
+        super().write_config()
+        passwd = "".join(f"{u}:{{PLAIN}}{PASSWORD}::::::\n" for u in self.users)
+        (self.run_dir / "passwd").write_text(passwd)
+        if self.file_dict:
+            snippet = self.run_dir / "conf.d" / df.SNIPPET.name
+            text = re.sub(
+                r"(?m)^(\s*mail_attribute_dict\s*=\s*)proxy:\S+$",
+                r"\1file:%h/dovecot-attributes",
+                snippet.read_text(),
+            )
+            snippet.write_text(text)
+
+
+def imap_client(port: int, users: list[str], pairs: int, seconds: float) -> dict:
+    """Child process: one thread per session; each does ``pairs`` SET+GET pairs."""
+    barrier = threading.Barrier(len(users) + 1)
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def session(user: str) -> None:
+        done = failures = 0
+        latencies: list[float] = []
+        try:
+            imap = df.RawImap(port)
+            imap.login(user, PASSWORD)
+            for i in range(3):  # warm-up: the first SET creates the dict entry/file
+                imap.command(f'SETMETADATA INBOX ({ENTRY} "warm{i}")')
+        finally:
+            barrier.wait()
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        for i in range(pairs):
+            s = time.perf_counter()
+            r1 = imap.command(f'SETMETADATA INBOX ({ENTRY} "value {i} of {user}")')
+            r2 = imap.command(f"GETMETADATA INBOX ({ENTRY})")
+            latencies.append(time.perf_counter() - s)
+            want = f"value {i} of {user}".encode()
+            if r1.status != "OK" or r2.status != "OK" or r2.metadata().get(ENTRY) != want:
+                failures += 1
+            done += 1
+            if time.perf_counter() > deadline:
+                break
+        elapsed = time.perf_counter() - t0
+        imap.close()
+        with lock:
+            results.append(
+                {"pairs": done, "elapsed": elapsed, "failures": failures, "lat": latencies}
+            )
+
+    threads = [threading.Thread(target=session, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    for t in threads:
+        t.join(seconds + 60)
+    wall = time.perf_counter() - t0
+    lat = sorted(x for r in results for x in r["lat"])
+    return {
+        "pairs": sum(r["pairs"] for r in results),
+        "elapsed": wall,
+        "failures": sum(r["failures"] for r in results),
+        "client_cpu": time.process_time() - cpu0,
+        "median_ms": 1000 * lat[len(lat) // 2] if lat else None,
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+    }
+
+
+def _run_one(binary: str, users: list[str], file_dict: bool, pairs: int, seconds: float) -> dict:
+    with temp_dir("imap") as run_dir:
+        dovecot = BenchDovecot(run_dir, binary, users, file_dict)
+        metadata = None
+        try:
+            if not file_dict:
+                metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, "off")
+                metadata.start()
+            dovecot.start()
+            assert dovecot.proc is not None
+            cpu0 = tree_cpu_seconds(dovecot.proc.pid)
+            mcpu0 = cpu_md = 0.0
+            if metadata is not None and metadata.proc is not None:
+                mcpu0 = tree_cpu_seconds(metadata.proc.pid)
+            result = run_child(imap_client, dovecot.imap_port, users, pairs, seconds)
+            # imap processes that already exited are not counted: indicative only
+            result["dovecot_cpu"] = tree_cpu_seconds(dovecot.proc.pid) - cpu0
+            if metadata is not None and metadata.proc is not None:
+                cpu_md = tree_cpu_seconds(metadata.proc.pid) - mcpu0
+            result["metadata_cpu"] = cpu_md
+            if file_dict:  # make sure the file: dict really was the one in use
+                files = list((run_dir / "mail").glob("*/dovecot-attributes"))
+                if len(files) != len(users):
+                    print(f"file: dict wrote {len(files)} attribute files, not {len(users)}")
+                    result["failures"] += 1
+            crashes = dovecot.crash_lines()
+            if crashes:
+                print("Dovecot log shows crashes:\n" + "\n".join(crashes[:5]))
+                result["failures"] += len(crashes)
+        finally:
+            dovecot.stop()
+            if metadata is not None:
+                metadata.stop()
+    result["rate"] = result["pairs"] / result["elapsed"]
+    return result
+
+
+def run(quick: bool) -> list[Figure]:
+    binary = df.find_dovecot()
+    if binary is None:
+        print("dovecot not found: section skipped")
+        return [Figure("imap ours/file ratio", None, "", ">= 0.80", None)]
+    sessions = 8 if quick else 16
+    pairs = 300 if quick else 1500
+    seconds = 8.0 if quick else 30.0
+    users = _users(sessions)
+    ours = _run_one(binary, users, False, pairs, seconds)
+    base = _run_one(binary, users, True, pairs, seconds)
+    rows = []
+    for name, r in (("proxy: chatmail-metadata", ours), ("file: (built-in)", base)):
+        rows.append(
+            [
+                name,
+                sessions,
+                r["pairs"],
+                r["rate"],
+                r["median_ms"],
+                r["p99_ms"],
+                f"{100 * r['metadata_cpu'] / r['elapsed']:.0f}%",
+                r["failures"],
+            ]
+        )
+    print_table(
+        f"imap: SETMETADATA+GETMETADATA pairs/s through Dovecot, {sessions} sessions "
+        f"(one user each), up to {pairs} pairs per session; ours/file = "
+        f"{ratio(ours['rate'], base['rate'])}",
+        [
+            "mail_attribute_dict",
+            "sessions",
+            "pairs",
+            "pairs/s",
+            "median ms",
+            "p99 ms",
+            "dict server CPU",
+            "failures",
+        ],
+        rows,
+    )
+    value = ours["rate"] / base["rate"] if base["rate"] else None
+    return [
+        at_least("imap SET+GET pairs/s, ours/file ratio", value, 0.8, ""),
+    ]
