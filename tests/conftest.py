@@ -1,0 +1,79 @@
+"""Shared pytest fixtures.
+
+Integration fixtures for a real Dovecot (see ``dovecot_fixture.py``):
+
+* ``dovecot_stack`` (session): one self-contained Dovecot on 127.0.0.1 (free ports,
+  temporary run directory, users alice@example.org / bob@example.org) plus the
+  ``chatmail-metadata`` process it talks to.  Skips if there is no ``dovecot`` binary.
+* ``relay`` (function): the same Dovecot with a freshly started ``chatmail-metadata``
+  on an empty database.  Extra ``chatmail.ini`` settings per test with
+  ``@pytest.mark.chatmail_ini(metadata={"max_value_bytes": 400000}, params={...})``.
+  At teardown the test fails if the Dovecot log shows ``Panic``, ``Fatal`` or
+  ``killed with signal``, or chatmail-metadata logged a traceback or died.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import dovecot_fixture as df
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "chatmail_ini(params=None, metadata=None): extra [params]/[metadata] settings "
+        "of chatmail.ini for the `relay` fixture",
+    )
+
+
+@pytest.fixture(scope="session")
+def push_sink():
+    """Loopback HTTP server the notifier posts to (200 for everything)."""
+    sink = df.PushSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture(scope="session")
+def dovecot_stack(push_sink):
+    binary = df.find_dovecot()
+    if binary is None:
+        pytest.skip("dovecot binary not found (install dovecot-imapd and dovecot-lmtpd)")
+    run_dir = df.make_run_dir()
+    dovecot = df.DovecotInstance(run_dir, binary)
+    metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, push_sink.url)
+    try:
+        dovecot.start()
+        yield dovecot, metadata
+        crashes = dovecot.crash_lines(dovecot.start_offset)
+    finally:
+        metadata.stop()
+        dovecot.stop()
+        if not os.environ.get("CHATMAIL_TEST_KEEP_RUN"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if crashes:
+        pytest.fail("Dovecot log shows a crash:\n" + "\n".join(crashes), pytrace=False)
+
+
+@pytest.fixture
+def relay(dovecot_stack, push_sink, request):
+    dovecot, metadata = dovecot_stack
+    marker = request.node.get_closest_marker("chatmail_ini")
+    settings = dict(marker.kwargs) if marker else {}
+    metadata.fresh(params=settings.get("params"), metadata=settings.get("metadata"))
+    dovecot_offset = dovecot.log_size()
+    metadata_offset = metadata.log_size()
+    r = df.Relay(dovecot, metadata, push_sink)
+    yield r
+    r.close_clients()
+    problems = [f"Dovecot: {line}" for line in dovecot.crash_lines(dovecot_offset)]
+    metadata_log = metadata.log_since(metadata_offset)
+    if "Traceback" in metadata_log:
+        problems.append("chatmail-metadata logged a traceback:\n" + metadata_log)
+    if metadata.proc is not None and metadata.proc.poll() is not None:
+        problems.append(f"chatmail-metadata exited with status {metadata.proc.returncode}")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
