@@ -7,7 +7,7 @@ identity always comes from the user field of ``L``/``I``/``B``, never from the G
 Special entries, handled on top of the generic attribute store:
 
 * ``priv/<guid>/devicetoken``: set adds or refreshes a push token of the user,
-  unset removes the user's tokens, lookup answers the valid tokens space-joined.
+  unset removes the tokens set on that mailbox, lookup answers the valid tokens space-joined.
 * ``priv/<guid>/messagenew``: written by the LMTP Lua hook on delivery; triggers the
   new-mail hook (the notifier) and is never stored.
 * ``shared/<guid>/vendor/vendor.dovecot/pvt/server/vendor/deltachat/<name>``: the
@@ -225,7 +225,9 @@ class MetadataDict:
 
     def _apply_devicetoken(self, op: dp.Op, user: str, guid: bytes, now: int) -> None:
         if isinstance(op, dp.UnsetOp):
-            removed = self.store.remove_tokens(user)
+            # Only the tokens set on that mailbox: deleting another mailbox (Dovecot
+            # unsets every listed entry) must not drop the INBOX tokens.
+            removed = self.store.remove_tokens(user, guid.decode("ascii", "replace"))
             log.info("removed %d device tokens of %s", removed, user)
             return
         if not isinstance(op, dp.SetOp):

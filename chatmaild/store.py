@@ -134,8 +134,13 @@ class MetadataStore:
         cur = self.conn.execute("DELETE FROM tokens WHERE user=? AND token=?", (user, token))
         return cur.rowcount > 0
 
-    def remove_tokens(self, user: str) -> int:
-        return self.conn.execute("DELETE FROM tokens WHERE user=?", (user,)).rowcount
+    def remove_tokens(self, user: str, guid: str | None = None) -> int:
+        """Remove the user's tokens (only those set on mailbox ``guid`` if given)."""
+        if guid is None:
+            return self.conn.execute("DELETE FROM tokens WHERE user=?", (user,)).rowcount
+        return self.conn.execute(
+            "DELETE FROM tokens WHERE user=? AND guid=?", (user, guid)
+        ).rowcount
 
     def _prune(self, user: str, now: int) -> None:
         self.conn.execute(

@@ -295,12 +295,6 @@ def test_mailbox_delete_removes_attributes(relay):
     assert imap.command("DELETE foo").status == "OK"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (chatmaild.metadata): a devicetoken set on mailbox foo is listed by I under "
-    "priv/<foo-guid>/, so DELETE foo makes Dovecot send U priv/<foo-guid>/devicetoken, and "
-    "MetadataDict._apply_devicetoken removes ALL the user's tokens (also those set on INBOX)",
-)
 def test_deleting_a_mailbox_keeps_inbox_tokens(relay):
     inbox_token = openpgp_token()
     imap = relay.raw_imap()
