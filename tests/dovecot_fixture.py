@@ -320,6 +320,9 @@ class MetadataServer:
         self.db_path = run_dir / "metadata.sqlite3"
         self.params: dict[str, str] = {}
         self.metadata: dict[str, str] = {}
+        # [notifiers]: options of the embedded push proxy (notify_url = embedded)
+        self.notifiers: dict[str, str] = {}
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen | None = None
         self._log_file = None
         self._generation = 0
@@ -344,6 +347,9 @@ class MetadataServer:
         lines += [f"{k} = {v}" for k, v in params.items()]
         lines += ["", "[metadata]"]
         lines += [f"{k} = {v}" for k, v in metadata.items()]
+        if self.notifiers:
+            lines += ["", "[notifiers]"]
+            lines += [f"{k} = {v}" for k, v in self.notifiers.items()]
         self.ini_path.write_text("\n".join(lines) + "\n")
 
     def fresh(
@@ -375,6 +381,7 @@ class MetadataServer:
                 "0666",
                 "--delivery-dict",
                 "lmtp",
+                *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
