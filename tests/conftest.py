@@ -19,6 +19,7 @@ import shutil
 
 import dovecot_fixture as df
 import pytest
+from pushsink import PushSink
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def push_sink():
     """Loopback HTTP server the notifier posts to (200 for everything)."""
-    sink = df.PushSink()
+    sink = PushSink()
     yield sink
     sink.close()
 

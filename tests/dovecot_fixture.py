@@ -14,15 +14,14 @@ substituting their ``@NAME@`` placeholders (see ``dovecot/README.md``).
   ``{N}`` and ``{N+}`` literals and byte-exact values), :func:`parse_metadata`.
 * :func:`deliver`: one LMTP delivery with :mod:`smtplib`.
 * :class:`TurnHelper`: a stand-in for the chatmail-turn credential socket.
-* :class:`PushSink`: a loopback HTTP server the notifier is pointed at, so no test
-  ever sends a push anywhere but 127.0.0.1.
+* the notifier is pointed at a :class:`pushsink.PushSink` on 127.0.0.1, so no test
+  ever sends a push anywhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import grp
-import http.server
 import imaplib
 import os
 import pwd
@@ -40,6 +39,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pushsink
 
 REPO = Path(__file__).resolve().parent.parent
 DOVECOT_DIR = REPO / "dovecot"
@@ -496,41 +497,6 @@ class TurnHelper:
             self.path.unlink()
 
 
-class PushSink:
-    """A loopback HTTP server answering 200 to every POST and recording the bodies."""
-
-    def __init__(self) -> None:
-        sink = self
-        self.requests: list[tuple[str, bytes]] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                length = int(self.headers.get("Content-Length") or 0)
-                sink.requests.append((self.path, self.rfile.read(length)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://{HOST}:{self._server.server_address[1]}/notify"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def bodies(self) -> list[bytes]:
-        return [body for _path, body in list(self.requests)]
-
-    def wait_for(self, body: bytes, timeout: float = 10.0) -> None:
-        wait_until(lambda: body in self.bodies(), timeout, "a push request to the sink")
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 # ---------------------------------------------------------------------------
 # IMAP
 
@@ -793,7 +759,7 @@ class Relay:
     """Dovecot + chatmail-metadata for one test; tracks clients so teardown closes them."""
 
     def __init__(
-        self, dovecot: DovecotInstance, metadata: MetadataServer, push_sink: PushSink
+        self, dovecot: DovecotInstance, metadata: MetadataServer, push_sink: pushsink.PushSink
     ) -> None:
         self.dovecot = dovecot
         self.metadata = metadata

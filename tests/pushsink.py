@@ -83,6 +83,16 @@ class PushSink:
                 self._cond.wait(left)
             return list(self.requests)
 
+    def wait_for_body(self, body: bytes, timeout: float = 10.0) -> None:
+        """Wait until a request with exactly ``body`` arrived (raises on timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(r.body == body for r in self.requests):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no push request with body {body[:40]!r}")
+                self._cond.wait(left)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

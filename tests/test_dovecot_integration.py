@@ -397,7 +397,7 @@ def test_delivery_posts_token_to_push_proxy(relay):
     token = openpgp_token()
     assert relay.imap(BOB).setmetadata("INBOX", {"/private/devicetoken": token})[0] == "OK"
     assert relay.deliver(SENDER, BOB)[0] == 250
-    relay.push_sink.wait_for(token.encode())
+    relay.push_sink.wait_for_body(token.encode())
 
 
 def test_mail_from_oneself_signals_nothing(relay):

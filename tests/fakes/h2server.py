@@ -8,6 +8,13 @@ and async tests alike and never shares the test's loop.
 Scripting: ``server.script(Reply(...), ...)`` queues replies used in order;
 when the queue is empty ``server.default`` answers.  A ``handler`` callable
 (request -> Reply | None) runs first and may answer instead (auth checks).
+
+``max_concurrent_streams`` makes the server advertise that limit (a client
+opening more streams gets its connection closed); ``peak_streams`` is the
+most requests one connection had open at once.  ``goaway_all(keep_open=True)``
+is a graceful GOAWAY after which the server still answers the streams it
+accepted.  Reply bodies larger than the client's flow-control window are sent
+as the window allows.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 
 
 @dataclass
@@ -70,6 +78,8 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, server: FakeH2Server) -> None:
         self.server = server
         self.streams: dict[int, tuple[list[tuple[str, str]], bytearray]] = {}
+        self.open_streams: set[int] = set()  # received, not yet answered
+        self.unsent: dict[int, memoryview] = {}  # reply bodies waiting for window
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -79,6 +89,15 @@ class _Protocol(asyncio.Protocol):
         self.peer_cert = ssl_object.getpeercert() if ssl_object else None
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self.conn = h2.connection.H2Connection(config=config)
+        if self.server.max_concurrent_streams is not None:
+            self.conn.local_settings = h2.settings.Settings(
+                client=False,
+                initial_values={
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: (
+                        self.server.max_concurrent_streams
+                    )
+                },
+            )
         self.conn.initiate_connection()
         self.flush()
 
@@ -100,6 +119,8 @@ class _Protocol(asyncio.Protocol):
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
                 self.streams[event.stream_id] = (list(event.headers), bytearray())
+                self.open_streams.add(event.stream_id)
+                self.server._note_open_streams(len(self.open_streams))
             elif isinstance(event, h2.events.DataReceived):
                 if event.stream_id in self.streams:
                     self.streams[event.stream_id][1].extend(event.data)
@@ -110,6 +131,24 @@ class _Protocol(asyncio.Protocol):
                 self.transport.close()
             elif isinstance(event, h2.events.StreamReset):
                 self.streams.pop(event.stream_id, None)
+                self.open_streams.discard(event.stream_id)
+                self.unsent.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.WindowUpdated):
+                for stream_id in list(self.unsent):
+                    self.send_body(stream_id)
+        self.flush()
+
+    def send_body(self, stream_id: int) -> None:
+        """Send as much of a reply body as the client's windows allow."""
+        data = self.unsent.pop(stream_id)
+        while data:
+            window = self.conn.local_flow_control_window(stream_id)
+            size = min(window, self.conn.max_outbound_frame_size)
+            if size <= 0:
+                self.unsent[stream_id] = data
+                return
+            chunk, data = data[:size], data[size:]
+            self.conn.send_data(stream_id, bytes(chunk), end_stream=not data)
         self.flush()
 
     def request_done(self, stream_id: int) -> None:
@@ -139,6 +178,7 @@ class _Protocol(asyncio.Protocol):
             self.respond(stream_id, reply)
 
     def respond(self, stream_id: int, reply: Reply) -> None:
+        self.open_streams.discard(stream_id)
         if self.transport.is_closing():
             return
         headers = [(":status", str(reply.status)), *reply.headers]
@@ -146,7 +186,8 @@ class _Protocol(asyncio.Protocol):
         try:
             self.conn.send_headers(stream_id, headers, end_stream=not reply.body)
             if reply.body:
-                self.conn.send_data(stream_id, reply.body, end_stream=True)
+                self.unsent[stream_id] = memoryview(reply.body)
+                self.send_body(stream_id)
         except h2.exceptions.StreamClosedError:
             return  # the client gave up (timeout) and reset the stream
         if reply.action == "goaway":
@@ -166,8 +207,12 @@ class FakeH2Server:
         self,
         ssl_context: ssl.SSLContext,
         handler: Callable[[Request], Reply | None] | None = None,
+        *,
+        max_concurrent_streams: int | None = None,
     ) -> None:
         ssl_context.set_alpn_protocols(["h2"])
+        self.max_concurrent_streams = max_concurrent_streams
+        self.peak_streams = 0
         self._ssl_context = ssl_context
         self.handler = handler
         self.default = Reply(200)
@@ -225,15 +270,27 @@ class FakeH2Server:
         for protocol in list(self._protocols):
             self._loop.call_soon_threadsafe(protocol.transport.abort)
 
-    def goaway_all(self) -> None:
-        """Send GOAWAY (no error) on every open connection, as APNs does when draining."""
+    def goaway_all(self, *, last_stream_id: int | None = None, keep_open: bool = False) -> None:
+        """Send GOAWAY (no error) on every open connection, as APNs does when draining.
+
+        ``keep_open``: keep answering streams up to ``last_stream_id`` (default:
+        the highest received), RFC 9113 section 6.8's graceful shutdown, which
+        h2's state machine does not model (python-hyper/h2#1181).
+        """
 
         def goaway() -> None:
             for protocol in list(self._protocols):
-                protocol.conn.close_connection()
+                state = protocol.conn.state_machine.state
+                protocol.conn.close_connection(last_stream_id=last_stream_id)
+                if keep_open:
+                    protocol.conn.state_machine.state = state
                 protocol.flush()
 
         self._loop.call_soon_threadsafe(goaway)
+
+    def _note_open_streams(self, count: int) -> None:
+        with self._lock:
+            self.peak_streams = max(self.peak_streams, count)
 
     def _new_connection(self, protocol: _Protocol) -> int:
         with self._lock:
