@@ -1,0 +1,72 @@
+"""The relay installer (staged into a temporary root) and the systemd units' hardening."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = sorted((REPO / "systemd").glob("*.service"))
+
+
+def install(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            str(REPO / "deploy" / "install-relay"),
+            "--root",
+            str(root),
+            "--no-apt",
+            "--no-venv",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_install_relay_renders_config_and_is_idempotent(tmp_path):
+    first = install(tmp_path, "--mail-domain", "chat.example.org")
+    assert first.returncode == 0, first.stderr
+    snippet = (tmp_path / "etc/dovecot/conf.d/90-chatmail-metadata.conf").read_text()
+    assert "@" not in re.sub(r"#.*", "", snippet)  # every placeholder substituted
+    assert "proxy:/run/chatmail-metadata/metadata.socket:metadata" in snippet
+    assert "proxy:/run/chatmail-metadata/metadata.socket:lmtp" in snippet
+    assert "lua:file=/etc/dovecot/push_notification.lua" in snippet
+    lua = tmp_path / "etc/dovecot/push_notification.lua"
+    assert lua.read_bytes() == (REPO / "dovecot/push_notification.lua").read_bytes()
+    for unit in ("chatmail-metadata.service", "chatmail-metadata.socket"):
+        assert (tmp_path / "etc/systemd/system" / unit).is_file()
+    ini = tmp_path / "usr/local/lib/chatmaild/chatmail.ini"
+    assert "mail_domain = chat.example.org" in ini.read_text()
+
+    ini.write_text("[params]\nmail_domain = kept.example.org\n")
+    again = install(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "kept.example.org" in ini.read_text()  # an existing ini is never overwritten
+    assert (tmp_path / "etc/dovecot/conf.d/90-chatmail-metadata.conf").read_text() == snippet
+
+
+def test_install_relay_needs_an_ini_or_a_domain(tmp_path):
+    result = install(tmp_path)
+    assert result.returncode == 1
+    assert "--mail-domain" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_units_are_rated_ok_or_better(unit):
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", out.stdout)
+    assert match, out.stdout + out.stderr
+    assert match.group(2) in {"OK", "SAFE"}, match.group(0)
+    assert float(match.group(1)) <= 4.9
