@@ -116,7 +116,8 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
             hook=notifier,
             delivery_dict=config.delivery_dict,
         )
-        server, _stats = await start_dict_server(backend, sock, config.limits.max_line_bytes)
+        server, stats = await start_dict_server(backend, sock, config.limits.max_line_bytes)
+        metrics.track_dict_server(stats)
         await _run_until_signalled(args, config)
         server.close()
         await server.wait_closed()

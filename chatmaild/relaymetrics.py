@@ -6,9 +6,37 @@ proxy can live in one process without name clashes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _DictStatsCollector(Collector):
+    """Reads the dict server's plain-int counters at scrape time (no cost per command)."""
+
+    COUNTERS = (
+        ("connections", "Dict connections accepted"),
+        ("lookups", "Dict lookups (L) answered"),
+        ("iterations", "Dict iterations (I) answered"),
+        ("commits", "Dict transactions (C) answered"),
+        ("refusals", "Dict commands refused as malformed or unknown"),
+    )
+
+    def __init__(self, stats: object) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc in self.COUNTERS:
+            yield CounterMetricFamily(f"chatmail_dict_{name}", doc, value=getattr(self.stats, name))
+        yield GaugeMetricFamily(
+            "chatmail_dict_open_connections",
+            "Dict connections open",
+            value=self.stats.open_connections,
+        )
 
 
 class RelayMetrics:
@@ -47,6 +75,10 @@ class RelayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def track_dict_server(self, stats: object) -> None:
+        """Expose the dict server's live counters (a ``dictserver.ServerStats``) on scrape."""
+        self.registry.register(_DictStatsCollector(stats))
 
     def serve(self, hostport: str) -> None:
         """Start the ``/metrics`` HTTP listener (a daemon thread) on ``HOST:PORT``."""
