@@ -1,0 +1,322 @@
+"""notifiers.h2client against the fake HTTP/2 server of tests/fakes (TLS on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import Iterator
+
+import pytest
+import trustme
+from fakes.fixtures import *  # noqa: F403 - pytest fixtures
+from fakes.h2server import FakeH2Server, Reply, Request
+from fakes.keys import server_context
+
+from notifiers.h2client import ConnectError, ConnectionLost, H2Client
+
+pytestmark = pytest.mark.asyncio
+
+JSON = [("content-type", "application/json")]
+
+
+@pytest.fixture
+def server(tls_ca: trustme.CA) -> Iterator[FakeH2Server]:
+    with FakeH2Server(server_context(tls_ca)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def limited(tls_ca: trustme.CA) -> Iterator[FakeH2Server]:
+    """A server that allows 3 concurrent streams and answers after 50 ms."""
+    with FakeH2Server(server_context(tls_ca), max_concurrent_streams=3) as srv:
+        srv.default = Reply(200, delay=0.05)
+        yield srv
+
+
+def client_for(server: FakeH2Server, ca_path: str, **kw) -> H2Client:
+    return H2Client(server.url, ca_path, **kw)
+
+
+async def post(client: H2Client, path: str = "/x", body: bytes = b"{}", timeout: float = 5):
+    return await client.request("POST", path, JSON, body, timeout=timeout)
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_request_and_response(server, ca_path):
+    server.script(Reply(201, b'{"ok":1}', [("x-answer", "yes")]))
+    client = client_for(server, ca_path)
+    try:
+        response = await post(client, "/3/device/ab", b'{"a":1}')
+    finally:
+        await client.aclose()
+    assert (response.status, response.body) == (201, b'{"ok":1}')
+    assert response.header("x-answer") == "yes"
+    assert response.header("content-length") == "8"
+    [req] = server.requests
+    assert (req.method, req.path, req.body, req.http_version) == (
+        "POST",
+        "/3/device/ab",
+        b'{"a":1}',
+        "2",
+    )
+    assert req.headers == [("content-type", "application/json"), ("content-length", "7")]
+
+
+async def test_many_concurrent_requests_share_one_connection(server, ca_path):
+    client = client_for(server, ca_path)
+    try:
+        responses = await asyncio.gather(*(post(client, f"/{i}") for i in range(300)))
+    finally:
+        await client.aclose()
+    assert {r.status for r in responses} == {200}
+    assert server.connections == 1
+    assert sorted(r.path for r in server.requests) == sorted(f"/{i}" for i in range(300))
+
+
+async def test_stream_limit_respected(limited, ca_path):
+    client = client_for(limited, ca_path)
+    try:
+        responses = await asyncio.gather(*(post(client) for _ in range(12)))
+    finally:
+        await client.aclose()
+    assert [r.status for r in responses] == [200] * 12
+    assert limited.connections == 1  # the fake closes a connection that exceeds the limit
+    assert limited.peak_streams == 3
+
+
+async def test_client_cap_below_server_limit(server, ca_path):
+    server.default = Reply(200, delay=0.05)
+    client = client_for(server, ca_path, max_streams_cap=2)
+    try:
+        await asyncio.gather(*(post(client) for _ in range(6)))
+    finally:
+        await client.aclose()
+    assert server.peak_streams == 2
+
+
+async def test_waiting_for_a_stream_is_bounded_by_the_timeout(limited, ca_path):
+    limited.default = Reply(200, delay=1.0)
+    client = client_for(limited, ca_path)
+    try:
+        busy = [asyncio.ensure_future(post(client)) for _ in range(3)]
+        await wait_for(lambda: len(limited.requests) == 3)
+        with pytest.raises(TimeoutError):
+            await post(client, "/late", timeout=0.2)
+        assert [r.status for r in await asyncio.gather(*busy)] == [200] * 3
+    finally:
+        await client.aclose()
+    assert "/late" not in [r.path for r in limited.requests]
+
+
+async def test_timeout_resets_the_stream_and_frees_it(limited, ca_path):
+    limited.script(*[Reply(200, delay=2.0)] * 3)
+    client = client_for(limited, ca_path)
+    try:
+        results = await asyncio.gather(
+            *(post(client, timeout=0.2) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, TimeoutError) for r in results)
+        # All three streams were reset, so the next three fit at once.
+        responses = await asyncio.gather(*(post(client, timeout=1) for _ in range(3)))
+    finally:
+        await client.aclose()
+    assert [r.status for r in responses] == [200] * 3
+    assert limited.connections == 1
+
+
+async def test_goaway_mid_flight_drains_and_retries_refused(server, ca_path):
+    server.default = Reply(200, delay=0.3)
+    client = client_for(server, ca_path)
+    try:
+        first = [asyncio.ensure_future(post(client, f"/a{i}")) for i in range(4)]
+        await wait_for(lambda: len(server.requests) == 4)
+        stream_of = {r.path: i for i, r in enumerate(server.requests)}
+        # Streams 1 and 3 will be answered; 5 and 7 were "not processed".
+        server.goaway_all(last_stream_id=3, keep_open=True)
+        await asyncio.sleep(0.05)
+        later = await post(client, "/later")
+        responses = await asyncio.gather(*first)
+    finally:
+        await client.aclose()
+    assert later.status == 200
+    assert [r.status for r in responses] == [200] * 4
+    assert server.connections == 2
+    on_second = sorted(r.path for r in server.requests if r.connection == 2)
+    refused = sorted(p for p, i in stream_of.items() if i >= 2)
+    assert on_second == sorted([*refused, "/later"])
+
+
+async def test_goaway_after_reply_moves_new_requests_to_a_new_connection(server, ca_path):
+    server.script(Reply(200, action="goaway"))
+    client = client_for(server, ca_path)
+    try:
+        assert (await post(client)).status == 200
+        assert (await post(client)).status == 200
+        assert (await post(client)).status == 200
+    finally:
+        await client.aclose()
+    assert [r.connection for r in server.requests] == [1, 2, 2]
+
+
+async def test_refused_stream_is_retried_once(server, ca_path):
+    server.script(Reply(200), Reply(action="refuse"))
+    client = client_for(server, ca_path)
+    try:
+        assert (await post(client)).status == 200
+        assert (await post(client)).status == 200
+    finally:
+        await client.aclose()
+    assert [r.connection for r in server.requests] == [1, 1, 2]
+
+
+async def test_connection_drop_mid_flight_retries_on_a_new_connection(server, ca_path):
+    server.script(*[Reply(200, delay=1.0)] * 5)
+    client = client_for(server, ca_path)
+    try:
+        pending = [asyncio.ensure_future(post(client)) for _ in range(5)]
+        await wait_for(lambda: len(server.requests) == 5)
+        server.close_connections()
+        responses = await asyncio.gather(*pending)
+    finally:
+        await client.aclose()
+    assert [r.status for r in responses] == [200] * 5
+    assert server.connections == 2
+
+
+async def test_connection_lost_twice_raises_then_recovers(server, ca_path):
+    server.script(Reply(action="close"), Reply(action="close"))
+    client = client_for(server, ca_path)
+    try:
+        with pytest.raises(ConnectionLost):
+            await post(client)
+        assert (await post(client)).status == 200
+    finally:
+        await client.aclose()
+    assert server.connections == 3
+
+
+async def test_idle_connection_closed_by_server_reconnects(server, ca_path):
+    client = client_for(server, ca_path)
+    try:
+        await post(client)
+        server.close_connections()
+        await asyncio.sleep(0.05)
+        assert (await post(client)).status == 200
+    finally:
+        await client.aclose()
+    assert server.connections == 2
+
+
+async def test_large_bodies_both_ways_use_flow_control(server, ca_path):
+    def echo(request: Request) -> Reply:
+        return Reply(200, request.body)
+
+    server.handler = echo
+    body = bytes(range(256)) * 4096  # 1 MiB, far above the 64 KiB initial windows
+    client = client_for(server, ca_path)
+    try:
+        responses = await asyncio.gather(*(post(client, body=body, timeout=20) for _ in range(3)))
+    finally:
+        await client.aclose()
+    assert all(r.body == body for r in responses)
+    assert all(r.body == body for r in server.requests)
+    assert server.connections == 1
+
+
+async def test_connections_are_lazy_and_shared_while_connecting(server, ca_path):
+    client = client_for(server, ca_path)
+    await asyncio.sleep(0.05)
+    assert server.connections == 0
+    try:
+        await asyncio.gather(*(post(client) for _ in range(20)))
+    finally:
+        await client.aclose()
+    assert server.connections == 1
+
+
+async def test_verify_modes(server, ca_path, tls_ca):
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    for verify in (ctx, ca_path, False):
+        client = H2Client(server.url, verify)
+        try:
+            assert (await post(client)).status == 200
+        finally:
+            await client.aclose()
+    client = H2Client(server.url, True)  # default trust store: the test CA is unknown
+    try:
+        with pytest.raises(ConnectError):
+            await post(client)
+    finally:
+        await client.aclose()
+
+
+async def test_alpn_h2_is_required(tls_ca, ca_path):
+    ctx = server_context(tls_ca)
+    ctx.set_alpn_protocols(["http/1.1"])
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = srv.sockets[0].getsockname()[1]
+    client = H2Client(f"https://127.0.0.1:{port}", ca_path)
+    try:
+        with pytest.raises(ConnectError, match="h2"):
+            await post(client)
+    finally:
+        await client.aclose()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_unreachable_is_connect_error(ca_path):
+    client = H2Client("https://127.0.0.1:9", ca_path)
+    try:
+        with pytest.raises(ConnectError):
+            await post(client)
+    finally:
+        await client.aclose()
+
+
+async def test_aclose_fails_pending_requests(server, ca_path):
+    server.default = Reply(200, delay=2.0)
+    client = client_for(server, ca_path)
+    pending = asyncio.ensure_future(post(client))
+    await wait_for(lambda: server.requests)
+    await client.aclose()
+    with pytest.raises(ConnectionLost):
+        await pending
+
+
+async def test_one_write_per_batch(server, ca_path, monkeypatch):
+    """Frames of many streams started in one loop iteration go out in one TLS write."""
+    client = client_for(server, ca_path)
+    try:
+        await post(client)  # connected
+        writes: collections.Counter[int] = collections.Counter()
+        connection = client._current
+        assert connection is not None
+        transport = connection._transport
+        original = transport.write
+
+        def counting_write(data: bytes) -> None:
+            writes[len(data)] += 1
+            original(data)
+
+        monkeypatch.setattr(transport, "write", counting_write)
+        await asyncio.gather(*(post(client) for _ in range(50)))
+    finally:
+        await client.aclose()
+    # 50 requests (HEADERS + DATA each): one batch for all of them, plus
+    # WINDOW_UPDATEs as the answers come back; never one write per frame.
+    assert sum(writes.values()) < 10, writes
