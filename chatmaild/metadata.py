@@ -179,7 +179,7 @@ class MetadataDict:
         now = self.clock()
         notfound = False
         new_mail = False
-        generic_sets = False
+        new_keys = False
         for op in ev.ops:
             parts = split_key(op.key)
             if parts is None:
@@ -201,8 +201,8 @@ class MetadataDict:
                         f"value of {len(op.value)} bytes exceeds the limit of "
                         f"{self.limits.max_value_bytes} bytes"
                     )
-                self.store.set_attribute(user, op.key, op.value)
-                generic_sets = True
+                if self.store.set_attribute(user, op.key, op.value):
+                    new_keys = True
             elif isinstance(op, dp.UnsetOp):
                 self.store.unset_attribute(user, op.key)
             else:
@@ -215,7 +215,7 @@ class MetadataDict:
                 except ValueError:
                     raise CommitRefused("atomic increment of a non-numeric value") from None
                 self.store.set_attribute(user, op.key, str(number).encode())
-        if generic_sets:
+        if new_keys:
             count = self.store.count_attributes(user)
             if count > self.limits.max_attributes:
                 raise CommitRefused(

@@ -69,12 +69,17 @@ class MetadataStore:
             args.append(limit)
         return [(bytes(k), bytes(v)) for k, v in self.conn.execute(sql, args)]
 
-    def set_attribute(self, user: str, key: bytes, value: bytes) -> None:
-        self.conn.execute(
-            "INSERT INTO attributes(user, key, value) VALUES (?,?,?) "
-            "ON CONFLICT(user, key) DO UPDATE SET value=excluded.value",
-            (user, key, value),
+    def set_attribute(self, user: str, key: bytes, value: bytes) -> bool:
+        """Store ``value``; True if the key is new (only then can the count limit be hit)."""
+        cur = self.conn.execute(
+            "UPDATE attributes SET value=? WHERE user=? AND key=?", (value, user, key)
         )
+        if cur.rowcount:
+            return False
+        self.conn.execute(
+            "INSERT INTO attributes(user, key, value) VALUES (?,?,?)", (user, key, value)
+        )
+        return True
 
     def unset_attribute(self, user: str, key: bytes) -> None:
         self.conn.execute("DELETE FROM attributes WHERE user=? AND key=?", (user, key))
