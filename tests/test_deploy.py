@@ -34,7 +34,7 @@ def test_install_relay_renders_config_and_is_idempotent(tmp_path):
     assert first.returncode == 0, first.stderr
     snippet = (tmp_path / "etc/dovecot/conf.d/90-chatmail-metadata.conf").read_text()
     assert "@" not in re.sub(r"#.*", "", snippet)  # every placeholder substituted
-    assert "proxy:/run/chatmail-metadata/metadata.socket:metadata" in snippet
+    assert "proxy:idle_msecs=60000:/run/chatmail-metadata/metadata.socket:metadata" in snippet
     assert "proxy:/run/chatmail-metadata/metadata.socket:lmtp" in snippet
     assert "lua:file=/etc/dovecot/push_notification.lua" in snippet
     lua = tmp_path / "etc/dovecot/push_notification.lua"
