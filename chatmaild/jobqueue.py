@@ -74,12 +74,6 @@ def enqueue(
     return new
 
 
-def job_key(conn: sqlite3.Connection, job_id: int) -> tuple[str, str] | None:
-    """(user, token) of a job, or None if it no longer exists."""
-    row = conn.execute("SELECT user, token FROM jobs WHERE id=?", (job_id,)).fetchone()
-    return None if row is None else (row[0], row[1])
-
-
 def claim(conn: sqlite3.Connection, job_id: int) -> Job | None:
     """Count an attempt before it is made; None if the job is gone (finished or dropped)."""
     row = conn.execute(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import jobqueue
-from .database import connect
+from .database import connect, write_lock
 from .duequeue import Closed, DueQueue
 from .jobqueue import Job, RetryPolicy
 from .metadata import token_digest
@@ -27,6 +27,13 @@ from .pushtransport import PushTransport, TransportError
 from .relaymetrics import RelayMetrics
 
 log = logging.getLogger(__name__)
+
+
+Ticket = tuple[int, str, str]
+
+
+def _ticket(job: Job) -> Ticket:
+    return (job.id, job.user, job.token)
 
 
 class Notifier:
@@ -47,12 +54,14 @@ class Notifier:
         self.metrics = metrics or RelayMetrics()
         self.synchronous = synchronous
         self.clock = clock
-        self.queue: DueQueue[int] = DueQueue(clock)
+        # Items are (job id, user, token): a worker knows the job's key without a read.
+        self.queue: DueQueue[Ticket] = DueQueue(clock)
+        self._write_lock = write_lock(db_path)
         self._staged: list[Job] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
-        self._parked: dict[tuple[str, str], set[int]] = {}
+        self._parked: dict[tuple[str, str], set[Ticket]] = {}
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
 
     # -- NewMailHook (runs in the dict server's thread) ---------------------
@@ -72,7 +81,7 @@ class Notifier:
         staged, self._staged = self._staged, []
         if staged:
             self.metrics.queued.inc(len(staged))
-            self.queue.put_many([(job.due, job.id) for job in staged])
+            self.queue.put_many([(job.due, _ticket(job)) for job in staged])
 
     # -- life cycle ---------------------------------------------------------
     def start(self) -> int:
@@ -82,7 +91,7 @@ class Notifier:
             jobs = jobqueue.pending(conn)
         finally:
             conn.close()
-        self.queue.put_many([(job.due, job.id) for job in jobs])
+        self.queue.put_many([(job.due, _ticket(job)) for job in jobs])
         for i in range(self.workers):
             t = threading.Thread(target=self._worker, name=f"notifier-{i}", daemon=True)
             t.start()
@@ -106,34 +115,32 @@ class Notifier:
         try:
             while True:
                 try:
-                    job_id = self.queue.get()
+                    ticket = self.queue.get()
                 except Closed:
                     return
                 try:
-                    self._run(conn, transport, job_id)
+                    self._run(conn, transport, ticket)
                 except Exception:  # a worker must survive anything one job does
-                    log.exception("notifier job %d failed unexpectedly", job_id)
-                    self.queue.put(self.clock() + self.policy.delays[0], job_id)
+                    log.exception("notifier job %d failed unexpectedly", ticket[0])
+                    self.queue.put(self.clock() + self.policy.delays[0], ticket)
         finally:
             transport.close()
             conn.close()
 
-    def _run(self, conn: sqlite3.Connection, transport: PushTransport, job_id: int) -> None:
+    def _run(self, conn: sqlite3.Connection, transport: PushTransport, ticket: Ticket) -> None:
         """One push at a time per (user, token): a job whose token is in flight waits.
 
         While it waits it stays unattempted, so further deliveries coalesce into it:
         a burst of mail costs at most the push in flight plus one more.
         """
-        key = jobqueue.job_key(conn, job_id)
-        if key is None:
-            return  # finished, removed with its token, or never committed
+        key = ticket[1], ticket[2]
         with self._lock:
             if key in self._in_flight:
-                self._parked.setdefault(key, set()).add(job_id)
+                self._parked.setdefault(key, set()).add(ticket)
                 return
             self._in_flight.add(key)
         try:
-            self._attempt(conn, transport, job_id)
+            self._attempt(conn, transport, ticket[0])
         finally:
             with self._lock:
                 self._in_flight.discard(key)
@@ -142,13 +149,15 @@ class Notifier:
                 self.queue.put(self.clock(), waiting)
 
     def _attempt(self, conn: sqlite3.Connection, transport: PushTransport, job_id: int) -> None:
-        job = jobqueue.claim(conn, job_id)
+        with self._write_lock:
+            job = jobqueue.claim(conn, job_id)
         if job is None:
             return  # finished, removed with its token, or never committed
         digest = token_digest(job.token)
         now = self.clock()
         if job.attempts > self.policy.max_attempts or now > job.deadline:
-            jobqueue.finish(conn, job.id)
+            with self._write_lock:
+                jobqueue.finish(conn, job.id)
             self.metrics.dropped.inc()
             log.error(
                 "push to %s for %s dropped: %d attempt(s), deadline passed=%s",
@@ -167,11 +176,13 @@ class Notifier:
             outcome = f"error ({exc})"
         self.metrics.latency.observe(time.perf_counter() - start)
         if status == 200:
-            jobqueue.finish(conn, job.id)
+            with self._write_lock:
+                jobqueue.finish(conn, job.id)
             self.metrics.sent.inc()
             log.info("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
         elif status == 410:
-            removed, _ = jobqueue.remove_token(conn, job.user, job.token)
+            with self._write_lock:
+                removed, _ = jobqueue.remove_token(conn, job.user, job.token)
             self.metrics.tokens_removed.inc(int(removed))
             log.info("push to %s for %s: token gone (410), removed", digest, job.user)
         else:
@@ -180,7 +191,8 @@ class Notifier:
     def _retry(self, conn: sqlite3.Connection, job: Job, digest: str, outcome: str) -> None:
         due = self.policy.next_due(job.attempts, job.deadline, self.clock())
         if due is None:
-            jobqueue.finish(conn, job.id)
+            with self._write_lock:
+                jobqueue.finish(conn, job.id)
             self.metrics.dropped.inc()
             log.error(
                 "push to %s for %s failed: %s; dropped after %d attempt(s)",
@@ -190,7 +202,8 @@ class Notifier:
                 job.attempts,
             )
             return
-        jobqueue.reschedule(conn, job.id, due)
+        with self._write_lock:
+            jobqueue.reschedule(conn, job.id, due)
         self.metrics.retried.inc()
         log.warning(
             "push to %s for %s failed: %s; retry %d in %.0f s",
@@ -200,4 +213,4 @@ class Notifier:
             job.attempts,
             due - self.clock(),
         )
-        self.queue.put(due, job.id)
+        self.queue.put(due, _ticket(job))

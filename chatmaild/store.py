@@ -12,6 +12,8 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .database import database_file, write_lock
+
 TOKEN_VALIDITY = 90 * 24 * 3600  # seconds after the last set
 TOKEN_FUTURE_GUARD = 60  # a timestamp further in the future is invalid
 MAX_TOKENS_PER_USER = 32
@@ -33,18 +35,20 @@ class MetadataStore:
     def __init__(self, conn: sqlite3.Connection, policy: TokenPolicy | None = None) -> None:
         self.conn = conn
         self.policy = policy or TokenPolicy()
+        self._write_lock = write_lock(database_file(conn) or f":memory:{id(conn)}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     # -- attributes -------------------------------------------------------
     def get_attribute(self, user: str, key: bytes) -> bytes | None:
