@@ -243,7 +243,7 @@ def lmtp_end_to_end(quick: bool) -> dict:
     out: dict = {}
     with temp_dir("lmtp") as run_dir:
         sink = PushSink()
-        dovecot = BenchDovecot(run_dir, binary, all_users, file_dict=False)
+        dovecot = BenchDovecot(run_dir, binary, all_users, mode="shipped")
         metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
         try:
             metadata.start()
