@@ -178,6 +178,19 @@ def run(quick: bool) -> list[Figure]:
                     )
         finally:
             server.stop()
+        # The durability switch: synchronous=FULL also survives power loss (fsync per
+        # commit); NORMAL (the default) survives a killed process. Its cost:
+        server = df.MetadataServer(run_dir, sock, "off")
+        server.metadata = {"synchronous": "FULL"}
+        server.start()
+        try:
+            assert server.proc is not None
+            for conns in (1, 32):
+                results[("full", conns, "transaction")] = _measure(
+                    sock, server.proc.pid, conns, "transaction", seconds, max_ops
+                )
+        finally:
+            server.stop()
         echo_path = run_dir / "echo.socket"
         with ChildServer(echo_server, str(echo_path)) as echo:
             for mode in ("lookup", "transaction"):
@@ -202,6 +215,22 @@ def run(quick: bool) -> list[Figure]:
                     ours["failures"],
                 ]
             )
+    for conns in (1, 32):
+        full = results[("full", conns, "transaction")]
+        base = results[("echo", conns, "transaction")]
+        rows.append(
+            [
+                "transactions, synchronous=FULL",
+                conns,
+                full["rate"],
+                base["rate"],
+                ratio(full["rate"], base["rate"]),
+                f"{100 * full['server_cpu'] / full['elapsed']:.0f}%",
+                f"{100 * full['client_cpu'] / full['elapsed']:.0f}%",
+                f"{100 * base['client_cpu'] / base['elapsed']:.0f}%",
+                full["failures"],
+            ]
+        )
     print_table(
         "dict: operations/s over the Unix socket (chatmail-metadata, notify off) "
         f"vs. trivial asyncio echo server; {seconds:g} s per point",
