@@ -146,6 +146,28 @@ class Debouncer:
             heapq.heappop(heap)
         return None
 
+    def forget(self, token: str) -> None:
+        """Close ``token``'s window early: its send failed, so the next hit sends again.
+
+        Without this a relay's retry of a failed push (8 s later) would fall into
+        the window, be answered 200 "debounced", and the wake-up would be lost.
+        """
+        key = _key(token)
+        self._cur.pop(key, None)
+        self._prev.pop(key, None)
+
+    def defer(self, token: str, due: float) -> None:
+        """Owe ``token`` a send at ``due`` again: its trailing send failed (retryable).
+
+        The relay got 200 for the hits a trailing send covers, so the proxy itself
+        must try again; :meth:`due` hands the token out at ``due``.
+        """
+        key = _key(token)
+        self._ready.pop(key, None)
+        self._pending[key] = (token, due)
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, key))
+
     # -- internals -------------------------------------------------------------
 
     def _open(self, key: bytes, now: float) -> None:

@@ -54,6 +54,9 @@ MISSING_REASON: dict[Kind, str] = {
 
 _STATUS = {Outcome.SENT: 200, Outcome.GONE: 410, Outcome.RETRY: 500}
 
+#: How often a failed trailing (debounced) send is tried again by the proxy itself.
+TRAILING_RETRIES = 3
+
 #: ``async decrypt(token) -> plaintext`` for ``openpgp:`` tokens (it gets the whole
 #: token, prefix included, so it can forward what it cannot open).  It raises
 #: :class:`DecryptionError` when no key opens the token.
@@ -98,6 +101,8 @@ class NotifyService:
         self._wakeup: asyncio.Event | None = None
         self._trailing_task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[object]] = set()
+        # plaintext token -> failed trailing sends so far (only while retrying)
+        self._trailing_attempts: dict[str, int] = {}
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -173,7 +178,12 @@ class NotifyService:
             self.metrics.debounced_notifications.inc()
             log.debug("debounced %s token %s", parsed.kind.value, parsed.digest)
             return NotifyResult(200, "debounced")
-        return await self.dispatch(parsed)
+        result = await self.dispatch(parsed)
+        if result.status >= 500:
+            # Nothing was delivered: the relay retries, and that retry must not be
+            # answered "debounced" by the window this failed send opened.
+            self.debouncer.forget(token)
+        return result
 
     async def dispatch(self, token: PushToken) -> NotifyResult:
         """Send ``token`` through its provider; count, time and log the outcome."""
@@ -286,7 +296,25 @@ class NotifyService:
             result = await self.dispatch(parsed)
         except Exception:
             log.exception("trailing send to token %s failed", parsed.digest)
-            return
+            result = NotifyResult(500, "internal error")
         log.debug(
             "trailing send to %s token %s: %d", parsed.kind.value, parsed.digest, result.status
         )
+        if result.status < 500:
+            self._trailing_attempts.pop(token, None)
+            return
+        # The relay was answered 200 for the hits this send covers, so it will not
+        # retry: the proxy does, a few times, one window apart.
+        attempts = self._trailing_attempts.get(token, 0) + 1
+        if attempts > TRAILING_RETRIES:
+            self._trailing_attempts.pop(token, None)
+            log.error(
+                "trailing push to %s token %s failed %d times; given up",
+                parsed.kind.value,
+                parsed.digest,
+                attempts,
+            )
+            return
+        self._trailing_attempts[token] = attempts
+        self.debouncer.defer(token, self._clock() + self.debouncer.window * attempts)
+        self._wake()

@@ -380,3 +380,50 @@ def test_owed_send_evicted_by_the_cap_is_sent_promptly(fcm):
         assert fcm.sent.count("fcm-a:1") == 2  # not lost, not after 60 s
 
     run_app(service, test)
+
+
+class Scripted(Recording):
+    """Answers the given outcomes in order, then SENT."""
+
+    def __init__(self, name: str, outcomes: list[Outcome]) -> None:
+        super().__init__(name)
+        self.outcomes = list(outcomes)
+
+    async def send(self, token):
+        self.sent.append(token.raw)
+        if self.outcomes:
+            return Delivery(self.outcomes.pop(0), "503")
+        return Delivery.sent()
+
+
+def test_failed_leading_send_does_not_debounce_the_relays_retry():
+    fcm = Scripted("FCM", [Outcome.RETRY])
+    service = NotifyService({Kind.FCM: fcm}, debouncer=Debouncer(window=30))
+
+    async def test(client):
+        assert (await client.post("/notify", data="fcm-a:1")).status == 500
+        # The relay's retry comes well inside the window: it is sent, not debounced.
+        assert (await client.post("/notify", data="fcm-a:1")).status == 200
+        assert fcm.sent == ["fcm-a:1", "fcm-a:1"]
+        assert sample(service.metrics, "debounced_notifications_total") == 0
+
+    run_app(service, test)
+
+
+def test_failed_trailing_send_is_retried_by_the_proxy():
+    fcm = Scripted("FCM", [])
+    service = NotifyService({Kind.FCM: fcm}, debouncer=Debouncer(window=0.2))
+
+    async def test(client):
+        assert (await client.post("/notify", data="fcm-a:1")).status == 200
+        fcm.outcomes = [Outcome.RETRY, Outcome.RETRY]  # the trailing send fails twice
+        assert (await client.post("/notify", data="fcm-a:1")).status == 200  # debounced
+        deadline = time.monotonic() + 5
+        while len(fcm.sent) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        # leading send, then the trailing send: failed, failed, delivered
+        assert fcm.sent == ["fcm-a:1"] * 4
+        await asyncio.sleep(0.5)
+        assert len(fcm.sent) == 4  # and nothing more once it went through
+
+    run_app(service, test)
