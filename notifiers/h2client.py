@@ -42,6 +42,9 @@ import h2.exceptions
 
 log = logging.getLogger(__name__)
 
+#: Longest wait for TCP, TLS and the server's first SETTINGS frame.
+CONNECT_TIMEOUT = 10.0
+
 #: Trust setting as the providers take it (see ``providers.common.Verify``).
 Verify = ssl.SSLContext | str | bool
 
@@ -401,7 +404,14 @@ class H2Client:
     first request.
     """
 
-    def __init__(self, origin: str, ssl_context: Verify, *, max_streams_cap: int = 1000) -> None:
+    def __init__(
+        self,
+        origin: str,
+        ssl_context: Verify,
+        *,
+        max_streams_cap: int = 1000,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
         parts = urlsplit(origin)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"not an https origin: {origin!r}")
@@ -413,6 +423,7 @@ class H2Client:
         self._ssl = _ssl_context(ssl_context)
         self._ssl.set_alpn_protocols(["h2"])
         self._cap = max_streams_cap
+        self._connect_timeout = connect_timeout
         self._current: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._connections: set[_Connection] = set()
@@ -437,7 +448,8 @@ class H2Client:
             try:
                 return await self._attempt(method, path, headers, body)
             except (StreamRefused, ConnectionLost) as exc:
-                log.debug("repeating %s %s after %s", method, path, type(exc).__name__)
+                # (the path holds the device token: not logged)
+                log.debug("repeating %s request after %s", method, type(exc).__name__)
                 return await self._attempt(method, path, headers, body)
 
     async def _attempt(
@@ -464,6 +476,21 @@ class H2Client:
             self._current = task.result()
 
     async def _connect(self) -> _Connection:
+        """TCP + TLS + the server's SETTINGS, within ``connect_timeout``.
+
+        Every request waits on this one shared attempt, so it must end: a server
+        that completes TLS but never sends SETTINGS would otherwise stall all
+        pushes to this origin until the peer closed the socket.
+        """
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                return await self._connect_unbounded()
+        except TimeoutError:
+            raise ConnectError(
+                f"{self._authority}: no HTTP/2 connection within {self._connect_timeout:g} s"
+            ) from None
+
+    async def _connect_unbounded(self) -> _Connection:
         loop = asyncio.get_running_loop()
         connection = _Connection(self._authority, self._cap)
         try:

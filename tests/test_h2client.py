@@ -320,3 +320,29 @@ async def test_one_write_per_batch(server, ca_path, monkeypatch):
     # 50 requests (HEADERS + DATA each): one batch for all of them, plus
     # WINDOW_UPDATEs as the answers come back; never one write per frame.
     assert sum(writes.values()) < 10, writes
+
+
+async def test_silent_server_times_out_the_connect_and_is_retried(tls_ca, ca_path):
+    """TLS with ALPN h2 but never a SETTINGS frame: each attempt ends, the next reconnects."""
+    ctx = server_context(tls_ca)
+    ctx.set_alpn_protocols(["h2"])
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # say nothing
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = srv.sockets[0].getsockname()[1]
+    client = H2Client(f"https://127.0.0.1:{port}", ca_path, connect_timeout=0.3)
+    try:
+        for _ in range(2):
+            with pytest.raises(ConnectError, match="no HTTP/2 connection"):
+                await post(client, timeout=5)
+        assert len(accepted) == 2  # a fresh attempt, not the stuck one
+    finally:
+        await client.aclose()
+        for writer in accepted:
+            writer.close()
+        srv.close()
+        await srv.wait_closed()
