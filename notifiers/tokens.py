@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import string
 from dataclasses import dataclass
 
 
@@ -70,8 +71,16 @@ def parse_token(raw: str) -> PushToken:
             raise TokenError("invalid web push token: expected webpush:<endpoint>|<p256dh>|<auth>")
         return PushToken(Kind.WEBPUSH, raw, parts[0], p256dh=parts[1], auth=parts[2])
     if raw.startswith("sandbox:"):
-        device = raw[8:]
-        if not device:
-            raise TokenError("invalid APNs sandbox token: empty")
-        return PushToken(Kind.APNS_SANDBOX, raw, device)
-    return PushToken(Kind.APNS, raw, raw)
+        return PushToken(Kind.APNS_SANDBOX, raw, _apns_device(raw[8:]))
+    return PushToken(Kind.APNS, raw, _apns_device(raw))
+
+
+def _apns_device(device: str) -> str:
+    """APNs device tokens are hex.  Anything else (an unknown prefix, a stray newline)
+    is a client or relay bug: a 400, never a 410 that would delete the token."""
+    if not device or not all(c in _HEXDIGITS for c in device):
+        raise TokenError("invalid APNs token: expected hex digits (or an unknown prefix)")
+    return device
+
+
+_HEXDIGITS = frozenset(string.hexdigits)

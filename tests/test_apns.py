@@ -17,7 +17,7 @@ from fakes.keys import write_client_p12
 
 from notifiers.providers.apns import JWT_RENEW_AFTER, PAYLOAD, ApnsProvider
 from notifiers.providers.base import Outcome, ProviderConfigError
-from notifiers.tokens import parse_token
+from notifiers.tokens import Kind, PushToken, TokenError, parse_token
 
 pytestmark = pytest.mark.asyncio
 
@@ -341,13 +341,15 @@ async def test_status_mapping(
 
 
 @pytest.mark.parametrize("device", ["xyz", "a1b2/../c3", "abc def", "ab\u00e9", "0x12"])
-async def test_non_hex_token_is_gone_without_request(device, fake_apns_cert, apns_cert, ca_path):
+async def test_non_hex_token_is_not_sent_and_not_gone(device, fake_apns_cert, apns_cert, ca_path):
+    with pytest.raises(TokenError):
+        parse_token(device)  # the service answers these 400 before any provider
     provider = cert_provider(fake_apns_cert, apns_cert, ca_path)
     try:
-        delivery = await provider.send(parse_token(device))
+        delivery = await provider.send(PushToken(Kind.APNS, device, device))
     finally:
         await provider.aclose()
-    assert (delivery.outcome, delivery.details) == (Outcome.GONE, "BadDeviceToken")
+    assert (delivery.outcome, delivery.reason) == (Outcome.RETRY, "invalid_token")
     assert fake_apns_cert.requests == []
     assert fake_apns_cert.connections == 0
 

@@ -202,6 +202,10 @@ def test_bad_bodies(service, fcm):
         resp = await client.post("/notify", data="fcm-no-colon")
         assert resp.status == 400 and "malformed token" in await resp.text()
         assert (await client.post("/notify", data="webpush:https://x|only-two")).status == 400
+        # Unknown kinds and broken APNs tokens are a client/relay bug: 400, never 410.
+        for body in ("newkind:abcdef", "sandbox:not-hex", "0155b93b7eb8abab\n", "ab cd"):
+            resp = await client.post("/notify", data=body)
+            assert resp.status == 400, body
         assert fcm.sent == []
 
     run_app(service, test)

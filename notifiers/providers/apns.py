@@ -207,8 +207,9 @@ class ApnsProvider(Provider):
 
     async def send(self, token: PushToken) -> Delivery:
         if not _HEX.fullmatch(token.device):
-            log.info("APNs token %s is not hex; answering gone without a request", token.digest)
-            return Delivery(Outcome.GONE, "invalid_token", "BadDeviceToken")
+            # parse_token() already refuses these (400); never a 410 for a malformed token.
+            log.warning("APNs token %s is not hex; not sent", token.digest)
+            return Delivery(Outcome.RETRY, "invalid_token", "not hex")
         path = f"{self._path_prefix}/3/device/{token.device}"
         try:
             response = await self._client.request(
