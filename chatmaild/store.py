@@ -144,11 +144,12 @@ class MetadataStore:
         return cur.rowcount > 0
 
     def remove_tokens(self, user: str, guid: str | None = None) -> int:
-        """Remove the user's tokens (only those set on mailbox ``guid`` if given)."""
+        """Remove the user's tokens: those set on mailbox ``guid`` if given, plus the
+        imported ones (no mailbox known), which a NIL on any mailbox removes."""
         if guid is None:
             return self.conn.execute("DELETE FROM tokens WHERE user=?", (user,)).rowcount
         return self.conn.execute(
-            "DELETE FROM tokens WHERE user=? AND guid=?", (user, guid)
+            "DELETE FROM tokens WHERE user=? AND (guid=? OR guid='')", (user, guid)
         ).rowcount
 
     def _prune(self, user: str, now: int) -> None:

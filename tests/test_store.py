@@ -160,6 +160,16 @@ def test_token_remove(store):
     assert store.valid_tokens("b", T0) == ["t1"]
 
 
+def test_unset_on_a_mailbox_removes_its_tokens_and_imported_ones(store):
+    with store.transaction():
+        store.add_token("a", "on-inbox", T0, guid="inbox")
+        store.add_token("a", "on-foo", T0, guid="foo")
+        store.import_token("a", "imported", T0)  # from metadata.json: no mailbox known
+    with store.transaction():
+        assert store.remove_tokens("a", "inbox") == 2
+    assert store.valid_tokens("a", T0) == ["on-foo"]
+
+
 def test_at_most_32_tokens_least_recently_set_evicted(store):
     with store.transaction():
         for i in range(32):
