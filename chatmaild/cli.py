@@ -16,7 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, read_config
+from .config import Config, ConfigError, check_notify_url, parse_host_port, read_config
 from .database import DatabaseError, connect
 from .dictserver import bind_unix_socket, start_dict_server
 from .jobqueue import RetryPolicy
@@ -86,7 +86,9 @@ def load(args: argparse.Namespace) -> Config:
     if args.delivery_dict:
         config.delivery_dict = args.delivery_dict
     if args.notify_url:
-        config.notifier.url = args.notify_url
+        config.notifier.url = check_notify_url(args.notify_url, "--notify-url")
+    if args.metrics:
+        parse_host_port(args.metrics, "--metrics")
     if config.database is None and not config.mailboxes_dir.is_dir():
         raise ConfigError(
             f"mailboxes_dir {config.mailboxes_dir} does not exist (create it or pass --db)"

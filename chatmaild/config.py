@@ -11,6 +11,7 @@ import configparser
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_TURN_SOCKET = "/run/chatmail-turn/turn.socket"
 DEFAULT_NOTIFY_URL = "https://notifications.delta.chat/notify"
@@ -69,6 +70,27 @@ class Config:
     @property
     def turn_hostname(self) -> str:
         return self.mail_domain
+
+
+def check_notify_url(url: str, where: str) -> str:
+    """``embedded``, ``off`` or an http(s) URL with a host; a typo must not start a
+    notifier whose every push fails and is dropped after its retries."""
+    if url in ("embedded", "off"):
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{where}: notify_url must be an http(s) URL, 'embedded' or 'off', got {url!r}"
+        )
+    return url
+
+
+def parse_host_port(value: str, where: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too), or ConfigError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def read_config(path: str | Path) -> Config:
@@ -137,7 +159,7 @@ def _apply_metadata_section(cfg: Config, sec: configparser.SectionProxy, path: P
     lim.max_value_bytes = num("max_value_bytes", int, lim.max_value_bytes)
     lim.max_line_bytes = num("max_line_bytes", int, lim.max_line_bytes)
     n = cfg.notifier
-    n.url = sec.get("notify_url", n.url).strip() or n.url
+    n.url = check_notify_url(sec.get("notify_url", n.url).strip() or n.url, f"{path}: [metadata]")
     n.workers = max(1, num("notify_workers", int, n.workers))
     n.timeout = num("notify_timeout", float, n.timeout)
     n.max_attempts = max(1, num("notify_max_attempts", int, n.max_attempts))

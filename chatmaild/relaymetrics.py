@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .config import parse_host_port
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -82,5 +84,5 @@ class RelayMetrics:
 
     def serve(self, hostport: str) -> None:
         """Start the ``/metrics`` HTTP listener (a daemon thread) on ``HOST:PORT``."""
-        host, _, port = hostport.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+        host, port = parse_host_port(hostport, "--metrics")
+        start_http_server(port, addr=host, registry=self.registry)

@@ -121,6 +121,29 @@ def test_socket_in_missing_directory(tmp_path):
     assert_clean_error(run([tmp_path / "nope" / "metadata.socket", ini]), "does not exist")
 
 
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--notify-url", "embeded"], "notify_url must be"),
+        (["--notify-url", "ftp://x.org/notify"], "notify_url must be"),
+        (["--metrics", "foo"], "expected HOST:PORT"),
+        (["--metrics", "127.0.0.1:99999"], "expected HOST:PORT"),
+    ],
+)
+def test_bad_notify_url_and_metrics_address(tmp_path, args, match):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    assert_clean_error(run([tmp_path / "metadata.socket", ini, *args]), match)
+
+
+def test_bad_notify_url_in_ini(tmp_path):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(
+        tmp_path, tmp_path / "mb", "[metadata]\nnotify_url = notifications.delta.chat\n"
+    )
+    assert_clean_error(run([tmp_path / "metadata.socket", ini]), "notify_url must be")
+
+
 def test_socket_path_is_a_regular_file(tmp_path):
     (tmp_path / "mb").mkdir()
     ini = write_ini(tmp_path, tmp_path / "mb")
