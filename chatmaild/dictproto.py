@@ -217,9 +217,11 @@ class _Transaction:
     user: str
     ops: list[Op] = field(default_factory=list)
     failure: str | None = None
+    size: int = 0  # bytes of the buffered values
 
 
 _REPLY_DUE = frozenset(b"LICD")
+TRANSACTION_VALUES_FACTOR = 64
 _MAX_OPEN_TRANSACTIONS = 1024
 
 
@@ -230,8 +232,14 @@ class DictConnection:
     connections at once, and may keep several open on one connection).
     """
 
-    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE, max_value: int | None = None) -> None:
+        """``max_value``: a set whose value is longer fails its transaction when it
+        arrives, and the value is not buffered; a transaction also fails once its
+        buffered values pass ``TRANSACTION_VALUES_FACTOR * max_value`` bytes.  So an
+        open transaction holds bounded memory until its ``C``.
+        """
         self.max_line = max_line
+        self.max_value = max_value
         self.dict_name = ""
         self.protocol_major = 0
         self._buf = bytearray()
@@ -369,7 +377,21 @@ class DictConnection:
         if len(f) < 3:
             tx.failure = tx.failure or "set without value"
             raise _BadCommand("set without value")
-        tx.ops.append(SetOp(f[1], f[2]))
+        if tx.failure is not None:
+            return None  # already refused at commit: keep nothing more
+        value = f[2]
+        limit = self.max_value
+        if limit is not None:
+            if len(value) > limit:
+                tx.failure = f"value of {len(value)} bytes exceeds the limit of {limit} bytes"
+                tx.ops.clear()
+                return None
+            tx.size += len(value)
+            if tx.size > TRANSACTION_VALUES_FACTOR * limit:
+                tx.failure = "transaction too large"
+                tx.ops.clear()
+                return None
+        tx.ops.append(SetOp(f[1], value))
         return None
 
     def _unset(self, f: list[bytes]) -> Event | None:

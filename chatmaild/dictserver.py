@@ -31,7 +31,7 @@ class DictProtocol(asyncio.Protocol):
 
     def __init__(self, backend: MetadataDict, max_line: int, stats: ServerStats) -> None:
         self.backend = backend
-        self.conn = dp.DictConnection(max_line)
+        self.conn = dp.DictConnection(max_line, backend.limits.max_value_bytes)
         self.stats = stats
         self.transport: asyncio.Transport | None = None
         self._busy = False

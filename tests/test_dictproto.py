@@ -484,3 +484,26 @@ def test_refusal_iterate_with_unknown_flags():
     conn = dp.DictConnection()
     [[ev]] = feed_lines(conn, [b"Ix\t0\tp\tu"])
     assert isinstance(ev, dp.Refusal)
+
+
+def test_oversized_value_fails_its_transaction_when_it_arrives():
+    conn = dp.DictConnection(max_value=10)
+    conn.receive_data(b"B1\tu\nS1\tpriv/g/k\t" + b"x" * 11 + b"\nS1\tpriv/g/j\tok\nB2\tu\n")
+    conn.receive_data(b"S2\tpriv/g/k\t0123456789\nC1\nC2\n")
+    first, second = conn.events()
+    assert isinstance(first, dp.Refusal)
+    assert first.reply == b"F1\tvalue of 11 bytes exceeds the limit of 10 bytes\n"
+    assert isinstance(second, dp.Commit)  # the other transaction is untouched
+    assert second.ops == (dp.SetOp(b"priv/g/k", b"0123456789"),)
+
+
+def test_transaction_buffering_is_bounded():
+    conn = dp.DictConnection(max_value=10)
+    conn.receive_data(b"B1\tu\n")
+    for i in range(dp.TRANSACTION_VALUES_FACTOR + 1):
+        conn.receive_data(b"S1\tpriv/g/k%d\t0123456789\n" % i)
+    conn.receive_data(b"C1\n")
+    (event,) = conn.events()
+    assert isinstance(event, dp.Refusal)
+    assert b"transaction too large" in event.reply
+    assert conn.open_transactions == 0
