@@ -143,7 +143,27 @@ def _stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 # Dovecot
 
 
-class DovecotInstance:
+class LogFile:
+    """Reading a process's log file from an offset (tests look at what one step logged)."""
+
+    log_path: Path
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset: int = 0) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+
+class DovecotInstance(LogFile):
     """One Dovecot master (``dovecot -F``) with its own run directory and ports.
 
     Started as root, mail processes run as ``nobody``; started as another user,
@@ -253,20 +273,7 @@ class DovecotInstance:
             _stop_process(self.proc)
             self.proc = None
 
-    # -- log --------------------------------------------------------------
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_since(self, offset: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+    # -- log: see LogFile ---------------------------------------------------
 
     def wait_for_log(self, needle: str, offset: int = 0, timeout: float = 10.0) -> None:
         """Dovecot's log process writes asynchronously: poll for ``needle``."""
@@ -308,7 +315,7 @@ def make_run_dir() -> Path:
 # chatmail-metadata
 
 
-class MetadataServer:
+class MetadataServer(LogFile):
     """``chatmail-metadata SOCKET INI --db DB --socket-mode 0666 --delivery-dict lmtp``."""
 
     def __init__(self, run_dir: Path, socket_path: Path, notify_url: str) -> None:
@@ -426,20 +433,7 @@ class MetadataServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    # -- log --------------------------------------------------------------
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_since(self, offset: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+    # -- log: see LogFile ---------------------------------------------------
 
     def count_in_log(self, needle: str, offset: int = 0) -> int:
         return self.log_since(offset).count(needle)
