@@ -163,6 +163,7 @@ def run(quick: bool) -> list[Figure]:
     with temp_dir("dict") as run_dir:
         sock = run_dir / "metadata.socket"
         server = df.MetadataServer(run_dir, sock, "off")
+        server.log_level = "INFO"  # the production default
         server.start()
         try:
             assert server.proc is not None
@@ -181,6 +182,7 @@ def run(quick: bool) -> list[Figure]:
         # The durability switch: synchronous=FULL also survives power loss (fsync per
         # commit); NORMAL (the default) survives a killed process. Its cost:
         server = df.MetadataServer(run_dir, sock, "off")
+        server.log_level = "INFO"  # the production default
         server.metadata = {"synchronous": "FULL"}
         server.start()
         try:

@@ -119,6 +119,7 @@ def _run_one(binary: str, users: list[str], mode: str, pairs: int, seconds: floa
         try:
             if not file_dict:
                 metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, "off")
+                metadata.log_level = "INFO"  # the production default
                 metadata.start()
             dovecot.start()
             assert dovecot.proc is not None

@@ -140,6 +140,7 @@ def burst_and_paced(quick: bool) -> dict:
     with temp_dir("notifier") as run_dir:
         sink = PushSink()
         server = df.MetadataServer(run_dir, run_dir / "metadata.socket", sink.url)
+        server.log_level = "INFO"  # the production default
         try:
             server.start()
             assert server.proc is not None
@@ -245,6 +246,7 @@ def lmtp_end_to_end(quick: bool) -> dict:
         sink = PushSink()
         dovecot = BenchDovecot(run_dir, binary, all_users, mode="shipped")
         metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
+        metadata.log_level = "INFO"  # the production default
         try:
             metadata.start()
             dovecot.start()
@@ -383,6 +385,7 @@ def startup(jobs: int) -> dict:
         sink = PushSink()  # nothing is due, but the notifier needs a URL
         try:
             server = df.MetadataServer(run_dir, run_dir / "metadata.socket", sink.url)
+            server.log_level = "INFO"  # the production default
             server.start()  # creates the schema
             server.stop()
             out["empty"] = _timed_start(server)

@@ -234,7 +234,7 @@ class MetadataDict:
             raise CommitRefused("devicetoken does not support increments")
         token = _validate_token(op.value)
         self.store.add_token(user, token, now, guid.decode("ascii", "replace"))
-        log.info("stored device token %s for %s", token_digest(token), user)
+        log.debug("stored device token %s for %s", token_digest(token), user)
 
     def _message_new(self, conn: sqlite3.Connection, ev: dp.Commit, now: float) -> None:
         if self.delivery_dict is not None and ev.dict_name != self.delivery_dict:
@@ -242,7 +242,7 @@ class MetadataDict:
                 f"messagenew is only accepted from the delivery dict {self.delivery_dict!r}"
             )
         tokens = self.store.valid_tokens(ev.user, int(now))
-        log.info("new mail for %s: %d token(s)", ev.user, len(tokens))
+        log.debug("new mail for %s: %d token(s)", ev.user, len(tokens))
         if tokens and self.hook is not None:
             self.hook.message_new(conn, ev.user, tokens, now)
 

@@ -179,7 +179,7 @@ class Notifier:
             with self._write_lock:
                 jobqueue.finish(conn, job.id)
             self.metrics.sent.inc()
-            log.info("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
+            log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
         elif status == 410:
             with self._write_lock:
                 removed, _ = jobqueue.remove_token(conn, job.user, job.token)

@@ -79,6 +79,7 @@ def main() -> int:
     metrics_port = args.metrics_port or df.free_ports(1)[0]
     metadata.notifiers = {"log_provider": "true", "debounce_seconds": "10"}
     metadata.extra_args = ["--metrics", f"127.0.0.1:{metrics_port}"]
+    metadata.log_level = "DEBUG"  # show every step of the push path
 
     metadata.start()
     dovecot.start()

@@ -331,6 +331,8 @@ class MetadataServer(LogFile):
         # [notifiers]: options of the embedded push proxy (notify_url = embedded)
         self.notifiers: dict[str, str] = {}
         self.extra_args: list[str] = []
+        # Tests watch DEBUG lines ("new mail for ..."); bench/ measures at the default.
+        self.log_level = "DEBUG"
         self.proc: subprocess.Popen | None = None
         self._log_file = None
         self._generation = 0
@@ -389,6 +391,8 @@ class MetadataServer(LogFile):
                 "0666",
                 "--delivery-dict",
                 "lmtp",
+                "--log-level",
+                self.log_level,
                 *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,
