@@ -26,7 +26,7 @@ from .pushtransport import EmbeddedPushTransport, HttpPushTransport, PushTranspo
 from .relaymetrics import RelayMetrics
 from .serverkeys import ServerKeys
 from .store import MetadataStore
-from .systemd import listen_fds, notify, watchdog_interval
+from .systemd import configure_logging, listen_fds, notify, watchdog_interval
 
 log = logging.getLogger("chatmail-metadata")
 
@@ -201,9 +201,7 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     # httpx logs every request at INFO; the notifier logs each outcome itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from chatmaild.systemd import configure_logging, notify
+
 from .app import make_app, make_metrics_app
 from .providers.base import ProviderConfigError
 from .settings import ProxySettings, build_service, settings_from_args
@@ -44,7 +46,9 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
             await metrics_runner.setup()
             await web.TCPSite(metrics_runner, *address).start()
             log.info("metrics on http://%s:%d/metrics", *address)
+        notify("READY=1")  # Type=notify: the listeners are up
         await stop.wait()
+        notify("STOPPING=1")
         log.info("shutting down")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -56,11 +60,8 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Shared with chatmail-metadata (same distribution): journald-aware stderr logging.
+    configure_logging(settings.log_level.upper())
     try:
         asyncio.run(serve(settings))
     except ProviderConfigError as exc:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,79 @@ def test_serves_and_shuts_down_cleanly(tmp_path, sig):
     assert "Traceback" not in err
     assert "tok\n" not in err
     assert (tmp_path / "mb" / "chatmail-metadata.sqlite3").exists()
+
+
+def test_socket_activation_and_watchdog(tmp_path):
+    """As systemd starts it: the socket passed in (fd 3), READY=1 and WATCHDOG=1 pings."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate missing (package systemd)")
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    sock_path = tmp_path / "activated.socket"
+    notify_path = tmp_path / "notify.socket"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    env.update(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000")
+    # systemd-socket-activate listens, then execs the service when a client connects.
+    proc = subprocess.Popen(
+        [
+            activate,
+            "-l",
+            str(sock_path),
+            "-E",
+            "NOTIFY_SOCKET",
+            "-E",
+            "WATCHDOG_USEC",
+            "-E",
+            "PATH",
+            *command(),
+            str(sock_path),
+            str(ini),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sock_path.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(20)
+            c.connect(str(sock_path))  # the connection that made systemd start it
+            c.sendall(
+                b"H3\t2\t0\t\tmetadata\nL" + priv("devicetoken") + b"\t" + ALICE.encode() + b"\n"
+            )
+            assert c.recv(100) == b"N\n"
+        messages = [notify.recv(4096) for _ in range(3)]
+        assert b"READY=1" in messages[0]
+        assert messages[1:] == [b"WATCHDOG=1", b"WATCHDOG=1"]  # every 0.2 s
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert proc.returncode == 0, err
+    assert sock_path.exists()  # an activated socket belongs to systemd: not unlinked
+
+
+def test_journald_format_when_stderr_is_the_journal(tmp_path):
+    """JOURNAL_STREAM naming our stderr: <N> priority prefixes and no own timestamp."""
+    err_path = tmp_path / "stderr"
+    code = (
+        "import logging, sys; from chatmaild.systemd import configure_logging; "
+        "configure_logging('INFO'); logging.getLogger('x').warning('careful'); "
+        "logging.getLogger('x').info('fine')"
+    )
+    with err_path.open("w") as err:
+        st = os.fstat(err.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        subprocess.run([sys.executable, "-c", code], env=env, stderr=err, timeout=30, check=True)
+    assert err_path.read_text().splitlines() == ["<4>x: careful", "<6>x: fine"]

@@ -118,15 +118,20 @@ def _post(url: str, body: bytes) -> int:
         return exc.code
 
 
-def test_serves_notify_and_metrics_and_stops_on_sigterm():
+def test_serves_notify_and_metrics_and_stops_on_sigterm(tmp_path):
     port, mport = free_port(), free_port()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # Type=notify readiness
+    notify.bind(str(tmp_path / "notify.socket"))
+    notify.settimeout(20)
     proc = subprocess.Popen(
         [*CLI, "--log-provider", "--port", str(port), "--metrics", f"127.0.0.1:{mport}"],
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.socket")},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
+        assert notify.recv(100) == b"READY=1"  # sent once both listeners are up
         base = f"http://127.0.0.1:{port}"
         _wait_for(base + "/", time.monotonic() + 20)
         assert _post(base + "/notify", b"fcm-chat.delta:abc") == 200
@@ -137,6 +142,7 @@ def test_serves_notify_and_metrics_and_stops_on_sigterm():
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
+        notify.close()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
