@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,7 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = sorted((REPO / "systemd").glob("*.service"))
 
 
-def install(root: Path, *args: str) -> subprocess.CompletedProcess:
+def install(root: Path, *args: str, lmtp_dict: str = "") -> subprocess.CompletedProcess:
+    """Stage the installer into ``root``; a stand-in doveconf answers ``lmtp_dict``."""
+    root.mkdir(parents=True, exist_ok=True)
+    fake = root.parent / f"{root.name}-doveconf"
+    fake.write_text(f"#!/bin/sh\necho '{lmtp_dict}'\n")
+    fake.chmod(0o755)
     return subprocess.run(
         [
             str(REPO / "deploy" / "install-relay"),
@@ -26,6 +32,7 @@ def install(root: Path, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "DOVECONF": str(fake)},
     )
 
 
@@ -49,6 +56,26 @@ def test_install_relay_renders_config_and_is_idempotent(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "kept.example.org" in ini.read_text()  # an existing ini is never overwritten
     assert (tmp_path / "etc/dovecot/conf.d/90-chatmail-metadata.conf").read_text() == snippet
+
+
+def test_own_venv_and_delivery_dict_only_when_dovecot_uses_it(tmp_path):
+    root = tmp_path / "root"
+    unit = (REPO / "systemd" / "chatmail-metadata.service").read_text()
+    # Never upstream's venv (/usr/local/lib/chatmaild/venv): its chatmaild package stays.
+    assert "/usr/local/lib/chatmail-metadata/venv/bin/chatmail-metadata" in unit
+    assert "chatmaild/venv" not in unit
+    dropin = root / "etc/systemd/system/chatmail-metadata.service.d/delivery-dict.conf"
+
+    res = install(root, "--mail-domain", "x.org", lmtp_dict="proxy:/run/m.socket:lmtp")
+    assert res.returncode == 0, res.stderr
+    assert "--delivery-dict lmtp" in dropin.read_text()
+    assert "ExecStart=\n" in dropin.read_text()  # resets the unit's ExecStart
+
+    # upstream's dovecot.conf: LMTP shares the IMAP dict name, so no --delivery-dict
+    res = install(root, lmtp_dict="proxy:/run/chatmail-metadata/metadata.socket:metadata")
+    assert res.returncode == 0, res.stderr
+    assert not dropin.exists()
+    assert "not in effect" in res.stderr
 
 
 def test_install_relay_needs_an_ini_or_a_domain(tmp_path):
