@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for TCP, TLS and the server's first SETTINGS frame.
 CONNECT_TIMEOUT = 10.0
+#: After a request timed out, how long a PING may go unanswered before the
+#: connection counts as dead.
+PING_TIMEOUT = 5.0
 
 #: Trust setting as the providers take it (see ``providers.common.Verify``).
 Verify = ssl.SSLContext | str | bool
@@ -132,6 +135,7 @@ class _Connection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.goaway = False
         self.closed = False
+        self._ping: asyncio.TimerHandle | None = None  # a liveness PING awaiting its ACK
 
     # -- state -------------------------------------------------------------
 
@@ -151,7 +155,14 @@ class _Connection(asyncio.Protocol):
     ) -> H2Response:
         """Send one request on a free stream and wait for the whole response."""
         await self._acquire_stream()
-        stream_id = self._h2.get_next_available_stream_id()
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError as exc:
+            # 2**30 requests on this connection: retire it (it drains), retry on a new one.
+            self.goaway = True
+            if not self._streams:
+                self.close()
+            raise StreamRefused("stream ids exhausted on this connection") from exc
         future: asyncio.Future[H2Response] = self._loop.create_future()
         stream = _Stream(future, body)
         request_headers = [
@@ -174,7 +185,31 @@ class _Connection(asyncio.Protocol):
             return await future
         except asyncio.CancelledError:
             self._cancel_stream(stream_id)
+            self.check_alive()
             raise
+
+    def check_alive(self, timeout: float | None = None) -> None:
+        """Send a PING; without its ACK in ``timeout`` s the connection is dropped.
+
+        Called when a request timed out: a peer or NAT that silently lost the
+        connection would otherwise keep every push timing out until TCP gives up
+        (about 15 minutes), since nothing else tells a dead connection from a slow one.
+        """
+        if self.closed or self._ping is not None:
+            return
+        try:
+            self._h2.ping(b"chatmail")
+        except h2.exceptions.H2Error:
+            return
+        self._schedule_flush()
+        self._ping = self._loop.call_later(
+            PING_TIMEOUT if timeout is None else timeout, self._ping_timed_out
+        )
+
+    def _ping_timed_out(self) -> None:
+        self._ping = None
+        log.warning("no PING ACK from %s: dropping the connection", self._authority)
+        self._lose(ConnectionLost("no PING ACK"))
 
     async def _acquire_stream(self) -> None:
         """Wait until a stream may be opened; StreamRefused once this connection takes none."""
@@ -316,6 +351,11 @@ class _Connection(asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_result(None)
             self._wake_all_waiters()  # MAX_CONCURRENT_STREAMS may have grown
+            self._on_window_update()  # so may INITIAL_WINDOW_SIZE (no WindowUpdated then)
+        elif isinstance(event, h2.events.PingAckReceived):
+            if self._ping is not None:
+                self._ping.cancel()
+                self._ping = None
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event)
 
@@ -376,6 +416,9 @@ class _Connection(asyncio.Protocol):
     def _lose(self, error: H2Error) -> None:
         """Fail every pending stream and waiter; the connection is unusable."""
         self.closed = True
+        if self._ping is not None:
+            self._ping.cancel()
+            self._ping = None
         self._fail_ready(ConnectError(str(error)))
         for stream_id in list(self._streams):
             self._finish(stream_id, error)

@@ -8,12 +8,17 @@ import ssl
 import time
 from collections.abc import Iterator
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
 import trustme
 from fakes.fixtures import *  # noqa: F403 - pytest fixtures
 from fakes.h2server import FakeH2Server, Reply, Request
 from fakes.keys import server_context
 
+from notifiers import h2client
 from notifiers.h2client import ConnectError, ConnectionLost, H2Client
 
 pytestmark = pytest.mark.asyncio
@@ -344,5 +349,123 @@ async def test_silent_server_times_out_the_connect_and_is_retried(tls_ca, ca_pat
         await client.aclose()
         for writer in accepted:
             writer.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+class _SilentAfterSettings(asyncio.Protocol):
+    """Completes TLS and the SETTINGS exchange, then never says anything again
+    (a peer or NAT that silently dropped the connection)."""
+
+    connections = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        type(self).connections += 1
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.initiate_connection()
+        transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+        self.transport = transport
+        self.acked = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.acked:  # acknowledge the client's SETTINGS once, then go silent
+            self.h2.receive_data(data)
+            self.transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+            self.acked = True
+
+
+async def test_silent_connection_is_dropped_after_an_unanswered_ping(tls_ca, ca_path, monkeypatch):
+    monkeypatch.setattr(h2client, "PING_TIMEOUT", 0.3)
+    ctx = server_context(tls_ca)
+    ctx.set_alpn_protocols(["h2"])
+    _SilentAfterSettings.connections = 0
+    srv = await asyncio.get_running_loop().create_server(
+        _SilentAfterSettings, "127.0.0.1", 0, ssl=ctx
+    )
+    port = srv.sockets[0].getsockname()[1]
+    client = H2Client(f"https://127.0.0.1:{port}", ca_path)
+    try:
+        with pytest.raises(TimeoutError):
+            await post(client, timeout=0.3)
+        first = client._current
+        await wait_for(lambda: first.closed)  # the PING went unanswered
+        with pytest.raises(TimeoutError):
+            await post(client, timeout=0.3)
+        assert _SilentAfterSettings.connections == 2  # a new connection, not the dead one
+    finally:
+        await client.aclose()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_slow_but_alive_connection_is_kept(server, ca_path, monkeypatch):
+    monkeypatch.setattr(h2client, "PING_TIMEOUT", 0.3)
+    server.default = Reply(200, delay=1.0)
+    client = client_for(server, ca_path)
+    try:
+        with pytest.raises(TimeoutError):
+            await post(client, timeout=0.2)
+        await asyncio.sleep(0.5)  # the server answered the PING: connection kept
+        server.default = Reply(200)
+        assert (await post(client)).status == 200
+        assert server.connections == 1
+    finally:
+        await client.aclose()
+
+
+async def test_exhausted_stream_ids_move_to_a_new_connection(server, ca_path):
+    client = client_for(server, ca_path)
+    try:
+        assert (await post(client)).status == 200
+        client._current._h2.highest_outbound_stream_id = 2**31 - 1  # next id would overflow
+        assert (await post(client)).status == 200
+        assert server.connections == 2
+        assert (await post(client)).status == 200
+    finally:
+        await client.aclose()
+
+
+class _GrowsWindowBySettings(asyncio.Protocol):
+    """Starts with a 10-byte stream window, then raises it with SETTINGS only (no
+    WINDOW_UPDATE), as RFC 9113 6.9.2 allows; answers 200 with the body length."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        config = h2.config.H2Configuration(client_side=False)
+        self.h2 = h2.connection.H2Connection(config)
+        window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={window: 10})
+        self.h2.initiate_connection()
+        transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+        self.received: dict[int, int] = {}
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.h2.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                self.received[ev.stream_id] = 0
+                window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+                self.h2.update_settings({window: 65535})
+            elif isinstance(ev, h2.events.DataReceived):
+                self.received[ev.stream_id] += len(ev.data)
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                body = str(self.received[ev.stream_id]).encode()
+                self.h2.send_headers(ev.stream_id, [(":status", "200")])
+                self.h2.send_data(ev.stream_id, body, end_stream=True)
+        self.transport.write(self.h2.data_to_send())  # type: ignore[attr-defined]
+
+
+async def test_window_grown_by_settings_unblocks_the_body(tls_ca, ca_path):
+    ctx = server_context(tls_ca)
+    ctx.set_alpn_protocols(["h2"])
+    srv = await asyncio.get_running_loop().create_server(
+        _GrowsWindowBySettings, "127.0.0.1", 0, ssl=ctx
+    )
+    client = H2Client(f"https://127.0.0.1:{srv.sockets[0].getsockname()[1]}", ca_path)
+    try:
+        response = await post(client, body=b"x" * 1000, timeout=5)
+        assert (response.status, response.body) == (200, b"1000")
+    finally:
+        await client.aclose()
         srv.close()
         await srv.wait_closed()
