@@ -146,15 +146,19 @@ class Debouncer:
             heapq.heappop(heap)
         return None
 
-    def forget(self, token: str) -> None:
-        """Close ``token``'s window early: its send failed, so the next hit sends again.
+    def forget(self, token: str, opened_at: float) -> None:
+        """Close the window ``token``'s failed send opened at ``opened_at``, so the next
+        hit sends again.
 
         Without this a relay's retry of a failed push (8 s later) would fall into
-        the window, be answered 200 "debounced", and the wake-up would be lost.
+        the window, be answered 200 "debounced", and the wake-up would be lost.  Only
+        that window is closed: a slow failure (APNs times out after 20 s) must not
+        erase a newer window that a later, successful send opened.
         """
         key = _key(token)
-        self._cur.pop(key, None)
-        self._prev.pop(key, None)
+        for generation in (self._cur, self._prev):
+            if generation.get(key) == opened_at:
+                del generation[key]
 
     def defer(self, token: str, due: float) -> None:
         """Owe ``token`` a send at ``due`` again: its trailing send failed (retryable).

@@ -170,7 +170,8 @@ class NotifyService:
             log.info("malformed token %s: %s", token_digest(token), exc)
             return NotifyResult(400, f"malformed token: {exc}")
 
-        send_now = self.debouncer.hit(token, self._clock())
+        hit_at = self._clock()
+        send_now = self.debouncer.hit(token, hit_at)
         # A trailing send may have been scheduled, or an owed one evicted by the cap.
         self._wake()
         self.metrics.debounced_set_size.set(len(self.debouncer))
@@ -182,7 +183,7 @@ class NotifyService:
         if result.status >= 500:
             # Nothing was delivered: the relay retries, and that retry must not be
             # answered "debounced" by the window this failed send opened.
-            self.debouncer.forget(token)
+            self.debouncer.forget(token, hit_at)
         return result
 
     async def dispatch(self, token: PushToken) -> NotifyResult:

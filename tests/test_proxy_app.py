@@ -431,3 +431,38 @@ def test_failed_trailing_send_is_retried_by_the_proxy():
         assert len(fcm.sent) == 4  # and nothing more once it went through
 
     run_app(service, test)
+
+
+def test_slow_failed_send_does_not_close_a_newer_window():
+    """A send that fails after the window (APNs times out after 20 s) must not erase
+    the window a later, successful send opened: no second push inside it."""
+    now = [0.0]
+
+    class SlowFirst(Recording):
+        async def send(self, token):
+            self.sent.append(token.raw)
+            if len(self.sent) == 1:
+                while now[0] < 15:
+                    await asyncio.sleep(0)
+                return Delivery(Outcome.RETRY, "send", "timeout")
+            return Delivery.sent()
+
+    apns = SlowFirst("APNS")
+    service = NotifyService({Kind.APNS: apns}, debouncer=Debouncer(10), clock=lambda: now[0])
+    token = "ab" * 32
+
+    async def scenario():
+        first = asyncio.ensure_future(service.notify(token))  # t=0, in flight until t=15
+        await asyncio.sleep(0)
+        now[0] = 12.0
+        assert (await service.notify(token)).status == 200  # t=0 window over: sent
+        now[0] = 15.0
+        assert (await first).status == 500
+        now[0] = 16.0
+        result = await service.notify(token)  # inside the t=12 window
+        await service.aclose()
+        return result
+
+    result = asyncio.run(scenario())
+    assert (result.status, result.message) == (200, "debounced")
+    assert len(apns.sent) == 2
