@@ -107,10 +107,13 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
     metrics = RelayMetrics()
     proxy = notifier = None
     try:
-        proxy, notifier = start_notifier(config, metrics)
-        if args.metrics:
-            metrics.serve(args.metrics)
+        if args.metrics:  # before the notifier, so a taken port sends nothing
+            try:
+                metrics.serve(args.metrics)
+            except OSError as exc:
+                raise ConfigError(f"--metrics {args.metrics}: {exc.strerror or exc}") from exc
             log.info("metrics on http://%s/metrics", args.metrics)
+        proxy, notifier = start_notifier(config, metrics)
         backend = MetadataDict(
             MetadataStore(conn),
             ServerKeys(config),

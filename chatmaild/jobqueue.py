@@ -100,10 +100,11 @@ def remove_token(conn: sqlite3.Connection, user: str, token: str) -> tuple[bool,
             "DELETE FROM tokens WHERE user=? AND token=?", (user, token)
         ).rowcount
         jobs = conn.execute("DELETE FROM jobs WHERE user=? AND token=?", (user, token)).rowcount
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return removed > 0, jobs
 
 

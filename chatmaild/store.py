@@ -45,10 +45,11 @@ class MetadataStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # also when COMMIT itself failed
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     # -- attributes -------------------------------------------------------
     def get_attribute(self, user: str, key: bytes) -> bytes | None:

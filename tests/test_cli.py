@@ -277,3 +277,16 @@ def test_journald_format_when_stderr_is_the_journal(tmp_path):
         env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
         subprocess.run([sys.executable, "-c", code], env=env, stderr=err, timeout=30, check=True)
     assert err_path.read_text().splitlines() == ["<4>x: careful", "<6>x: fine"]
+
+
+def test_metrics_port_taken_is_a_one_line_error_before_any_push(tmp_path):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run([tmp_path / "metadata.socket", ini, "--metrics", f"127.0.0.1:{port}"])
+    assert_clean_error(proc, f"--metrics 127.0.0.1:{port}")
+    assert "notifier started" not in proc.stderr  # nothing was pushed first
+    assert not (tmp_path / "metadata.socket").exists()
