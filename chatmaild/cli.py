@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, check_notify_url, parse_host_port, read_config
 from .database import DatabaseError, connect
-from .dictserver import bind_unix_socket, start_dict_server
+from .dictserver import ServerStats, bind_unix_socket, start_dict_server
 from .jobqueue import RetryPolicy
 from .metadata import MetadataDict
 from .notifier import Notifier
@@ -121,8 +121,11 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
             hook=notifier,
             delivery_dict=config.delivery_dict,
         )
-        server, stats = await start_dict_server(backend, sock, config.limits.max_line_bytes)
-        metrics.track_dict_server(stats)
+        stats = ServerStats()
+        metrics.track_dict_server(stats)  # before the socket serves: scrapes always see them
+        server, _ = await start_dict_server(
+            backend, sock, config.limits.max_line_bytes, stats=stats
+        )
         await _run_until_signalled(args, config)
         server.close()
         await server.wait_closed()
