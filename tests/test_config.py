@@ -262,3 +262,15 @@ def test_non_finite_or_negative_numbers_rejected(tmp_path, line):
     path = upstream(tmp_path)
     path.write_text(path.read_text() + f"\n[metadata]\n{line}\n")
     assert_one_line_error(path, r"\[metadata\]")
+
+
+def test_readme_ini_example_parses(tmp_path):
+    """The [metadata] example in README.md is valid as printed."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "chatmail.ini"
+    path.write_text(f"[params]\nmail_domain = example.org\nmailboxes_dir = {tmp_path}\n{block}")
+    cfg = read_config(path)
+    assert cfg.delivery_dict == "lmtp"
+    assert cfg.notifier.retry_delays == (8.0, 64.0, 512.0, 4096.0)
+    assert cfg.synchronous == "NORMAL"
