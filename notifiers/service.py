@@ -248,7 +248,11 @@ class NotifyService:
             try:
                 token = (await self.decryptor(token)).strip()
             except Exception as exc:  # upstream: 500, no metric, on /register
-                log.error("cannot decrypt openpgp token for /register: %s", exc)
+                log.error(
+                    "cannot decrypt openpgp token %s for /register: %s",
+                    token_digest(token),
+                    type(exc).__name__,
+                )
                 return NotifyResult(500, "cannot decrypt token")
         try:
             parsed = parse_token(token)
