@@ -48,6 +48,17 @@ def assert_clean_error(proc: subprocess.CompletedProcess, match: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def notify_listener(tmp_path: Path) -> tuple[socket.socket, dict[str, str]]:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET, and the env naming it."""
+    path = tmp_path / "notify.socket"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(path))
+    notify.settimeout(20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    env["NOTIFY_SOCKET"] = str(path)
+    return notify, env
+
+
 def test_help():
     proc = run(["--help"])
     assert proc.returncode == 0
@@ -158,12 +169,7 @@ def test_serves_and_shuts_down_cleanly(tmp_path, sig):
     (tmp_path / "mb").mkdir()
     ini = write_ini(tmp_path, tmp_path / "mb")
     sock_path = tmp_path / "metadata.socket"
-    notify_path = tmp_path / "notify.socket"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.settimeout(20)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-    env["NOTIFY_SOCKET"] = str(notify_path)
+    notify, env = notify_listener(tmp_path)
     proc = subprocess.Popen(
         [*command(), str(sock_path), str(ini), "--socket-mode", "0660"],
         env=env,
@@ -211,12 +217,8 @@ def test_socket_activation_and_watchdog(tmp_path):
     (tmp_path / "mb").mkdir()
     ini = write_ini(tmp_path, tmp_path / "mb")
     sock_path = tmp_path / "activated.socket"
-    notify_path = tmp_path / "notify.socket"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.settimeout(20)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-    env.update(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000")
+    notify, env = notify_listener(tmp_path)
+    env["WATCHDOG_USEC"] = "400000"
     # systemd-socket-activate listens, then execs the service when a client connects.
     proc = subprocess.Popen(
         [
