@@ -16,7 +16,11 @@ import socket
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, check_notify_url, parse_host_port, read_config
+from chatmail_common.hostport import parse_host_port
+from chatmail_common.logsetup import configure_logging
+from chatmail_common.systemd import listen_fds, notify, watchdog_interval
+
+from .config import Config, ConfigError, check_notify_url, read_config
 from .database import DatabaseError, connect
 from .dictserver import ServerStats, bind_unix_socket, start_dict_server
 from .jobqueue import RetryPolicy
@@ -26,7 +30,6 @@ from .pushtransport import EmbeddedPushTransport, HttpPushTransport, PushTranspo
 from .relaymetrics import RelayMetrics
 from .serverkeys import ServerKeys
 from .store import MetadataStore
-from .systemd import configure_logging, listen_fds, notify, watchdog_interval
 
 log = logging.getLogger("chatmail-metadata")
 
@@ -88,7 +91,10 @@ def load(args: argparse.Namespace) -> Config:
     if args.notify_url:
         config.notifier.url = check_notify_url(args.notify_url, "--notify-url")
     if args.metrics:
-        parse_host_port(args.metrics, "--metrics")
+        try:
+            parse_host_port(args.metrics)
+        except ValueError as exc:
+            raise ConfigError(f"--metrics: {exc}") from None
     if config.database is None and not config.mailboxes_dir.is_dir():
         raise ConfigError(
             f"mailboxes_dir {config.mailboxes_dir} does not exist (create it or pass --db)"
@@ -172,12 +178,11 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
         return None, None
     proxy = None
     if settings.url == "embedded":
-        from notifiers.embedded import EmbeddedProxy
-        from notifiers.settings import settings_from_mapping
+        # The one place chatmaild uses the notifiers package: the in-process proxy.
+        from notifiers.embedded import start_embedded
 
         try:
-            proxy = EmbeddedProxy(settings_from_mapping(config.proxy_options))
-            proxy.start()
+            proxy = start_embedded(config.proxy_options)
         except Exception as exc:  # a broken key file etc.: one line for the operator
             raise ConfigError(f"embedded push proxy: {exc}") from exc
 

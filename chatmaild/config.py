@@ -85,14 +85,6 @@ def check_notify_url(url: str, where: str) -> str:
     return url
 
 
-def parse_host_port(value: str, where: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too), or ConfigError."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
 def read_config(path: str | Path) -> Config:
     """Parse ``path``; raise :class:`ConfigError` with a one-line reason on any problem."""
     path = Path(path)

@@ -11,7 +11,7 @@ or while ``chatmail-metadata`` is already serving, changes nothing the second ti
 Tokens that the store's :class:`TokenPolicy` considers expired or too far in the
 future are skipped, and each address keeps at most ``max_per_user`` tokens (the most
 recently set win, counting tokens already in the database).  Tokens are never
-printed: logs show :func:`chatmaild.metadata.token_digest`.
+printed: logs show :func:`chatmail_common.digest.token_digest`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatmail_common.digest import token_digest
+
 from .config import ConfigError, read_config
 from .database import DatabaseError, connect
-from .metadata import MAX_TOKEN_BYTES, token_digest
+from .metadata import MAX_TOKEN_BYTES
 from .store import MetadataStore
 
 log = logging.getLogger("chatmail-metadata-import")

@@ -16,12 +16,13 @@ Special entries, handled on top of the generic attribute store:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
+
+from chatmail_common.digest import token_digest
 
 from . import dictproto as dp
 from .config import Limits
@@ -62,11 +63,6 @@ def split_key(key: bytes) -> tuple[bytes, bytes, bytes] | None:
     if len(parts) != 3 or parts[0] not in (b"priv", b"shared"):
         return None
     return parts[0], parts[1], parts[2]
-
-
-def token_digest(token: str) -> str:
-    """Short, stable digest for logs: tokens are never logged in plaintext."""
-    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
 
 
 class MetadataDict:

@@ -5,8 +5,8 @@
 ``C`` reply means "on disk"), ``committed`` hands them to a :class:`DueQueue`
 served by worker threads.  Each worker owns its SQLite connection and its push
 transport (one keep-alive HTTP client), claims a job (counting the attempt first),
-posts the token and records the outcome: 200 done, 410 delete that token,
-anything else retry on the :class:`~chatmaild.jobqueue.RetryPolicy` schedule.
+pushes the token and records the verdict: SENT done, GONE delete that token,
+RETRY on the :class:`~chatmaild.jobqueue.RetryPolicy` schedule.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from chatmail_common.digest import token_digest
+from chatmail_common.outcome import Outcome
+
 from . import jobqueue
 from .database import connect, write_lock
 from .duequeue import Closed, DueQueue
 from .jobqueue import Job, RetryPolicy
-from .metadata import token_digest
-from .pushtransport import PushTransport, TransportError
+from .pushtransport import PushTransport
 from .relaymetrics import RelayMetrics
 
 log = logging.getLogger(__name__)
@@ -168,25 +170,20 @@ class Notifier:
             )
             return
         start = time.perf_counter()
-        try:
-            status = transport.post(job.token)
-            outcome = str(status)
-        except TransportError as exc:
-            status = None
-            outcome = f"error ({exc})"
+        answer = transport.push(job.token)
         self.metrics.latency.observe(time.perf_counter() - start)
-        if status == 200:
+        if answer.outcome is Outcome.SENT:
             with self._write_lock:
                 jobqueue.finish(conn, job.id)
             self.metrics.sent.inc()
             log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
-        elif status == 410:
+        elif answer.outcome is Outcome.GONE:
             with self._write_lock:
                 removed, _ = jobqueue.remove_token(conn, job.user, job.token)
             self.metrics.tokens_removed.inc(int(removed))
-            log.info("push to %s for %s: token gone (410), removed", digest, job.user)
+            log.info("push to %s for %s: token gone (%s), removed", digest, job.user, answer.detail)
         else:
-            self._retry(conn, job, digest, outcome)
+            self._retry(conn, job, digest, answer.detail)
 
     def _retry(self, conn: sqlite3.Connection, job: Job, digest: str, outcome: str) -> None:
         due = self.policy.next_due(job.attempts, job.deadline, self.clock())

@@ -1,24 +1,53 @@
 """How a worker hands one token to the push proxy: HTTP POST, or in-process (embedded proxy).
 
-Both answer with the HTTP status of the proxy's ``/notify`` contract (200 done,
-410 token dead, anything else retry) or raise :class:`TransportError`.
+Both return a :class:`PushAnswer` whose outcome follows the proxy's ``/notify``
+contract (SENT done, GONE the token is dead, RETRY anything else) and never
+raise for a failed push.  HTTP statuses exist only in :class:`HttpPushTransport`;
+the embedded proxy's verdict is taken as it is.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
+from chatmail_common.outcome import Outcome
 
-class TransportError(Exception):
-    """No answer from the proxy (connection refused, timeout, protocol error)."""
+
+@dataclass(frozen=True, slots=True)
+class PushAnswer:
+    """The verdict on one push and a short ``detail`` for the log (a status, an error)."""
+
+    outcome: Outcome
+    detail: str
 
 
 class PushTransport(Protocol):
-    def post(self, token: str) -> int: ...
+    def push(self, token: str) -> PushAnswer: ...
 
     def close(self) -> None: ...
+
+
+class InProcessProxy(Protocol):
+    """What :class:`EmbeddedPushTransport` needs of ``notifiers.embedded.EmbeddedProxy``."""
+
+    def notify(self, token: str, timeout: float) -> _ProxyVerdict: ...
+
+
+class _ProxyVerdict(Protocol):
+    outcome: Outcome
+    message: str
+
+
+def answer_for_status(status: int) -> PushAnswer:
+    """The relay's reading of a ``/notify`` status: 200 done, 410 gone, else retry."""
+    if status == 200:
+        return PushAnswer(Outcome.SENT, "200")
+    if status == 410:
+        return PushAnswer(Outcome.GONE, "410")
+    return PushAnswer(Outcome.RETRY, str(status))
 
 
 class HttpPushTransport:
@@ -37,28 +66,27 @@ class HttpPushTransport:
             headers={"user-agent": "chatmail-metadata"},
         )
 
-    def post(self, token: str) -> int:
+    def push(self, token: str) -> PushAnswer:
         try:
-            return self.client.post(self.url, content=token.encode()).status_code
+            status = self.client.post(self.url, content=token.encode()).status_code
         except httpx.HTTPError as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+            return PushAnswer(Outcome.RETRY, f"error ({type(exc).__name__}: {exc})")
+        return answer_for_status(status)
 
     def close(self) -> None:
         self.client.close()
 
 
 class EmbeddedPushTransport:
-    """Calls an in-process :class:`notifiers.embedded.EmbeddedProxy` (same semantics as HTTP)."""
+    """Calls the in-process proxy and takes its verdict as it is."""
 
-    def __init__(self, proxy: object, timeout: float) -> None:
+    def __init__(self, proxy: InProcessProxy, timeout: float) -> None:
         self.proxy = proxy
         self.timeout = timeout
 
-    def post(self, token: str) -> int:
-        try:
-            return int(self.proxy.notify(token, self.timeout))  # type: ignore[attr-defined]
-        except TimeoutError as exc:
-            raise TransportError("embedded proxy timed out") from exc
+    def push(self, token: str) -> PushAnswer:
+        result = self.proxy.notify(token, self.timeout)
+        return PushAnswer(result.outcome, result.message)
 
     def close(self) -> None:
         pass

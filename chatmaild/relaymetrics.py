@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .config import parse_host_port
+from chatmail_common.hostport import parse_host_port
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -84,5 +84,5 @@ class RelayMetrics:
 
     def serve(self, hostport: str) -> None:
         """Start the ``/metrics`` HTTP listener (a daemon thread) on ``HOST:PORT``."""
-        host, port = parse_host_port(hostport, "--metrics")
+        host, port = parse_host_port(hostport)
         start_http_server(port, addr=host, registry=self.registry)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from chatmail_common.outcome import Outcome
+
 from .metrics import CONTENT_TYPE, ProxyMetrics
 from .service import NotifyResult, NotifyService
 
@@ -21,8 +23,17 @@ SERVICE_KEY: web.AppKey[NotifyService] = web.AppKey("service", NotifyService)
 METRICS_KEY: web.AppKey[ProxyMetrics] = web.AppKey("metrics", ProxyMetrics)
 
 
+#: The relay contract on the wire: 200 done, 410 delete the token, else retry.
+_STATUS = {Outcome.SENT: 200, Outcome.GONE: 410, Outcome.RETRY: 500}
+
+
+def http_status(result: NotifyResult) -> int:
+    """The HTTP status of a service result (400 for a malformed request, never 410)."""
+    return 400 if result.malformed else _STATUS[result.outcome]
+
+
 def _answer(result: NotifyResult) -> web.Response:
-    return web.Response(status=result.status, text=result.message)
+    return web.Response(status=http_status(result), text=result.message)
 
 
 async def _read_text(request: web.Request) -> str | web.Response:

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from chatmaild.systemd import configure_logging, notify
+from chatmail_common.logsetup import configure_logging
+from chatmail_common.systemd import notify
 
 from .app import make_app, make_metrics_app
 from .providers.base import ProviderConfigError
@@ -60,7 +61,6 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
-    # Shared with chatmail-metadata (same distribution): journald-aware stderr logging.
     configure_logging(settings.log_level.upper())
     try:
         asyncio.run(serve(settings))

@@ -4,8 +4,11 @@ Why: a relay operator who runs their own push credentials should not need a
 second daemon.  :class:`EmbeddedProxy` runs a :class:`NotifyService` on its own
 asyncio event loop in a daemon thread; the relay's (synchronous) notifier worker
 threads call :meth:`EmbeddedProxy.notify` instead of making an HTTP request.
-It is the same service as behind ``POST /notify``, so statuses, debouncing and
-metrics are identical; optionally the metrics are served on their own listener.
+It is the same service as behind ``POST /notify``, so verdicts, debouncing and
+metrics are identical, but the verdict is handed over as it is: no HTTP status
+is made up and decoded again.  Optionally the metrics get their own listener.
+
+:func:`start_embedded` is the one entry point ``chatmaild`` uses.
 """
 
 from __future__ import annotations
@@ -15,19 +18,30 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+from collections.abc import Mapping
 
 from aiohttp import web
 
+from chatmail_common.outcome import Outcome
+
 from .app import make_metrics_app
-from .service import NotifyService
-from .settings import ProxySettings, build_service
+from .service import NotifyResult, NotifyService
+from .settings import ProxySettings, build_service, settings_from_mapping
 
 log = logging.getLogger(__name__)
 
-#: Status when the proxy is not running (the relay keeps the job and retries).
-STATUS_UNAVAILABLE = 503
-#: Status when ``notify`` timed out (like an HTTP client timeout: retry).
-STATUS_TIMEOUT = 504
+#: When the proxy is not running: the relay keeps the job and retries.
+NOT_RUNNING = NotifyResult(Outcome.RETRY, "embedded proxy not running")
+#: When ``notify`` got no verdict in time (like an HTTP client timeout: retry).
+TIMED_OUT = NotifyResult(Outcome.RETRY, "embedded proxy timed out")
+
+
+def start_embedded(options: Mapping[str, str]) -> EmbeddedProxy:
+    """Parse ``[notifiers]`` ini options and start a proxy; ValueError or
+    ProviderConfigError (one line) when they are wrong, OSError for a taken port."""
+    proxy = EmbeddedProxy(settings_from_mapping(options))
+    proxy.start()
+    return proxy
 
 
 class EmbeddedProxy:
@@ -106,26 +120,26 @@ class EmbeddedProxy:
                 await self._metrics_runner.cleanup()
             await service.aclose()
 
-    def notify(self, token: str, timeout: float = 60.0) -> int:
-        """Send ``token`` as ``POST /notify`` would; return the HTTP-equivalent status.
+    def notify(self, token: str, timeout: float = 60.0) -> NotifyResult:
+        """Send ``token`` as ``POST /notify`` would and return the service's verdict.
 
-        200 done, 410 delete the token, anything else retry later: 503 if the
-        proxy is not running, 504 if no answer came within ``timeout`` seconds.
+        RETRY with :data:`NOT_RUNNING` or :data:`TIMED_OUT` when the proxy is not
+        running or gave no verdict within ``timeout`` seconds.
         """
         loop, service = self._loop, self._service
         if loop is None or service is None or not self.running:
-            return STATUS_UNAVAILABLE
+            return NOT_RUNNING
         try:
             future = asyncio.run_coroutine_threadsafe(service.notify(token), loop)
         except RuntimeError:  # the loop closed meanwhile
-            return STATUS_UNAVAILABLE
+            return NOT_RUNNING
         try:
-            return future.result(timeout).status
+            return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            return STATUS_TIMEOUT
+            return TIMED_OUT
         except concurrent.futures.CancelledError:
-            return STATUS_UNAVAILABLE
+            return NOT_RUNNING
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the service (sends in flight finish) and join the thread."""

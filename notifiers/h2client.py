@@ -30,7 +30,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,6 +39,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from chatmail_common.tls import Verify, make_ssl_context
+
 log = logging.getLogger(__name__)
 
 #: Longest wait for TCP, TLS and the server's first SETTINGS frame.
@@ -47,9 +48,6 @@ CONNECT_TIMEOUT = 10.0
 #: After a request timed out, how long a PING may go unanswered before the
 #: connection counts as dead.
 PING_TIMEOUT = 5.0
-
-#: Trust setting as the providers take it (see ``providers.common.Verify``).
-Verify = ssl.SSLContext | str | bool
 
 
 class H2Error(Exception):
@@ -463,7 +461,7 @@ class H2Client:
         self._authority = self._host if self._port == 443 else f"{self._host}:{self._port}"
         if ":" in self._host:  # IPv6 literal
             self._authority = f"[{self._host}]" + ("" if self._port == 443 else f":{self._port}")
-        self._ssl = _ssl_context(ssl_context)
+        self._ssl = make_ssl_context(ssl_context)
         self._ssl.set_alpn_protocols(["h2"])
         self._cap = max_streams_cap
         self._connect_timeout = connect_timeout
@@ -571,12 +569,3 @@ class H2Client:
             connection.close()
         self._connections.clear()
         self._current = None
-
-
-def _ssl_context(verify: Verify) -> ssl.SSLContext:
-    """The client context for ``verify`` (an SSLContext is used as is)."""
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    from .providers.common import make_ssl_context
-
-    return make_ssl_context(verify)

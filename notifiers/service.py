@@ -1,12 +1,13 @@
 """The push proxy's core, independent of the transport (HTTP app or embedded).
 
-:class:`NotifyService` turns one ``/notify`` body into one HTTP-equivalent
-status, with the contract the relays rely on: **200** done (sent or debounced),
-**410** the token is dead and the relay deletes it, anything else (400, 500)
-means "keep the token, maybe retry".  Only a provider's verdict that a token is
-permanently dead (or an ``openpgp:`` token that no key opens) may give 410;
-configuration gaps, malformed tokens and throttling never do, because a 410
-makes the relay delete a token that may be fine.
+:class:`NotifyService` turns one ``/notify`` body into one :class:`NotifyResult`
+whose :class:`~chatmail_common.outcome.Outcome` is the contract the relays rely
+on: SENT done (sent or debounced), GONE the token is dead and the relay deletes
+it, RETRY keep the token and maybe retry.  Only a provider's verdict that a
+token is permanently dead (or an ``openpgp:`` token that no key opens) may be
+GONE; configuration gaps, malformed tokens and throttling never are, because
+GONE makes the relay delete a token that may be fine.  HTTP statuses exist only
+in :mod:`notifiers.app`; the embedded proxy hands the result over as it is.
 
 Order of steps for ``/notify``: decrypt ``openpgp:`` → parse the grammar →
 debounce on the plaintext → dispatch to the provider for the token's kind.
@@ -52,8 +53,6 @@ MISSING_REASON: dict[Kind, str] = {
     Kind.WEBPUSH: "no_vapid_key",
 }
 
-_STATUS = {Outcome.SENT: 200, Outcome.GONE: 410, Outcome.RETRY: 500}
-
 #: How often a failed trailing (debounced) send is tried again by the proxy itself.
 TRAILING_RETRIES = 3
 
@@ -69,10 +68,27 @@ class DecryptionError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class NotifyResult:
-    """HTTP-equivalent answer: ``status`` and a short plain-text ``message`` (no token)."""
+    """The verdict on one request and a short plain-text ``message`` (never the token).
 
-    status: int
+    ``malformed``: the request itself is invalid (a token outside the grammar,
+    bad JSON); its outcome is RETRY, because a relay bug must never delete a token.
+    """
+
+    outcome: Outcome
     message: str
+    malformed: bool = False
+
+
+def _sent(message: str) -> NotifyResult:
+    return NotifyResult(Outcome.SENT, message)
+
+
+def _retry(message: str) -> NotifyResult:
+    return NotifyResult(Outcome.RETRY, message)
+
+
+def _malformed(message: str) -> NotifyResult:
+    return NotifyResult(Outcome.RETRY, message, malformed=True)
 
 
 class NotifyService:
@@ -154,21 +170,21 @@ class NotifyService:
         if token.startswith(OPENPGP_PREFIX):
             if self.decryptor is None:
                 log.error("openpgp token %s: no keyring configured", token_digest(token))
-                return NotifyResult(500, "openpgp tokens not supported: no keyring configured")
+                return _retry("openpgp tokens not supported: no keyring configured")
             try:
                 token = (await self.decryptor(token)).strip()
             except DecryptionError as exc:
                 self.metrics.openpgp_decryption_failures.inc()
                 log.error("cannot decrypt openpgp token %s: %s", token_digest(body), exc)
-                return NotifyResult(410, "cannot decrypt token")
+                return NotifyResult(Outcome.GONE, "cannot decrypt token")
             except Exception:
                 log.exception("decrypting openpgp token %s failed", token_digest(body))
-                return NotifyResult(500, "decryption failed")
+                return _retry("decryption failed")
         try:
             parsed = parse_token(token)
         except TokenError as exc:
             log.info("malformed token %s: %s", token_digest(token), exc)
-            return NotifyResult(400, f"malformed token: {exc}")
+            return _malformed(f"malformed token: {exc}")
 
         hit_at = self._clock()
         send_now = self.debouncer.hit(token, hit_at)
@@ -178,9 +194,9 @@ class NotifyService:
         if not send_now:
             self.metrics.debounced_notifications.inc()
             log.debug("debounced %s token %s", parsed.kind.value, parsed.digest)
-            return NotifyResult(200, "debounced")
+            return _sent("debounced")
         result = await self.dispatch(parsed)
-        if result.status >= 500:
+        if result.outcome is Outcome.RETRY:
             # Nothing was delivered: the relay retries, and that retry must not be
             # answered "debounced" by the window this failed send opened.
             self.debouncer.forget(token, hit_at)
@@ -194,7 +210,7 @@ class NotifyService:
             reason = MISSING_REASON[token.kind]
             self.metrics.failed(label, reason)
             log.warning("no %s provider configured for token %s", token.kind.value, token.digest)
-            return NotifyResult(500, f"no provider configured for {token.kind.value} tokens")
+            return _retry(f"no provider configured for {token.kind.value} tokens")
         started = time.perf_counter()
         try:
             delivery = await provider.send(token)
@@ -203,26 +219,25 @@ class NotifyService:
             delivery = Delivery(Outcome.RETRY, "send", type(exc).__name__)
         finally:
             self.metrics.notification_latency.labels(label).observe(time.perf_counter() - started)
-        status = _STATUS[delivery.outcome]
         if delivery.outcome is Outcome.SENT:
             self.metrics.sent(label)
             log.debug("sent %s push to token %s", token.kind.value, token.digest)
-            return NotifyResult(status, "sent")
+            return _sent("sent")
         reason = delivery.reason or "send"
         self.metrics.failed(label, reason, delivery.details)
         level = logging.INFO if delivery.outcome is Outcome.GONE else logging.WARNING
         log.log(
             level,
-            "%s push to token %s failed: %s %s (%s -> %d)",
+            "%s push to token %s failed: %s %s (%s)",
             token.kind.value,
             token.digest,
             reason,
             delivery.details,
             delivery.outcome.value,
-            status,
         )
-        message = "token is gone" if status == 410 else f"push failed: {reason}"
-        return NotifyResult(status, message)
+        if delivery.outcome is Outcome.GONE:
+            return NotifyResult(Outcome.GONE, "token is gone")
+        return _retry(f"push failed: {reason}")
 
     # -- /register ----------------------------------------------------------------
 
@@ -238,13 +253,13 @@ class NotifyService:
         try:
             data = json.loads(body)
         except ValueError:
-            return NotifyResult(400, "invalid JSON")
+            return _malformed("invalid JSON")
         token = data.get("token") if isinstance(data, dict) else None
         if not isinstance(token, str):
-            return NotifyResult(400, 'expected JSON {"token": "<string>"}')
+            return _malformed('expected JSON {"token": "<string>"}')
         if token.startswith(OPENPGP_PREFIX):
             if self.decryptor is None:
-                return NotifyResult(500, "openpgp tokens not supported: no keyring configured")
+                return _retry("openpgp tokens not supported: no keyring configured")
             try:
                 token = (await self.decryptor(token)).strip()
             except Exception as exc:  # upstream: 500, no metric, on /register
@@ -253,18 +268,18 @@ class NotifyService:
                     token_digest(token),
                     type(exc).__name__,
                 )
-                return NotifyResult(500, "cannot decrypt token")
+                return _retry("cannot decrypt token")
         try:
             parsed = parse_token(token)
         except TokenError as exc:
-            return NotifyResult(400, f"malformed token: {exc}")
+            return _malformed(f"malformed token: {exc}")
         self.metrics.heartbeat_registrations.inc()
         log.info(
             "heartbeat registration for %s token %s (heartbeats not implemented)",
             parsed.kind.value,
             parsed.digest,
         )
-        return NotifyResult(200, "")
+        return _sent("")
 
     # -- trailing debounced sends ---------------------------------------------------
 
@@ -301,11 +316,14 @@ class NotifyService:
             result = await self.dispatch(parsed)
         except Exception:
             log.exception("trailing send to token %s failed", parsed.digest)
-            result = NotifyResult(500, "internal error")
+            result = _retry("internal error")
         log.debug(
-            "trailing send to %s token %s: %d", parsed.kind.value, parsed.digest, result.status
+            "trailing send to %s token %s: %s",
+            parsed.kind.value,
+            parsed.digest,
+            result.outcome.value,
         )
-        if result.status < 500:
+        if result.outcome is not Outcome.RETRY:
             self._trailing_attempts.pop(token, None)
             return
         # The relay was answered 200 for the hits this send covers, so it will not

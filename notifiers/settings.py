@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatmail_common.hostport import parse_host_port
+
 from .debounce import DEFAULT_MAX_ENTRIES, DEFAULT_WINDOW, Debouncer
 from .metrics import PROVIDERS, ProxyMetrics
 from .providers.base import Provider, ProviderConfigError
@@ -95,14 +97,6 @@ class ProxySettings:
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         return parse_host_port(self.metrics) if self.metrics else None
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); ValueError if malformed."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 # -- the option table shared by argv and ini ----------------------------------------

@@ -8,9 +8,10 @@ APNs production device token.  (``openpgp:`` tokens are decrypted before this.)
 from __future__ import annotations
 
 import enum
-import hashlib
 import string
 from dataclasses import dataclass
+
+from chatmail_common.digest import token_digest
 
 
 class Kind(enum.Enum):
@@ -44,11 +45,6 @@ class PushToken:
     @property
     def digest(self) -> str:
         return token_digest(self.raw)
-
-
-def token_digest(token: str) -> str:
-    """Short stable digest for logs and metrics; tokens are never logged in plaintext."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def parse_token(raw: str) -> PushToken:

@@ -270,7 +270,7 @@ def test_journald_format_when_stderr_is_the_journal(tmp_path):
     """JOURNAL_STREAM naming our stderr: <N> priority prefixes and no own timestamp."""
     err_path = tmp_path / "stderr"
     code = (
-        "import logging, sys; from chatmaild.systemd import configure_logging; "
+        "import logging, sys; from chatmail_common.logsetup import configure_logging; "
         "configure_logging('INFO'); logging.getLogger('x').warning('careful'); "
         "logging.getLogger('x').info('fine')"
     )

@@ -24,9 +24,10 @@ from helpers_chatmaild import (
     wire,
 )
 
+from chatmail_common.digest import token_digest
 from chatmaild import dictproto as dp
 from chatmaild import serverkeys
-from chatmaild.metadata import split_key, token_digest
+from chatmaild.metadata import split_key
 
 OK = b"O1\n"
 

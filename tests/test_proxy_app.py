@@ -11,13 +11,13 @@ import time
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from notifiers.app import make_app, make_metrics_app
+from notifiers.app import http_status, make_app, make_metrics_app
 from notifiers.debounce import Debouncer
-from notifiers.embedded import EmbeddedProxy
+from notifiers.embedded import NOT_RUNNING, EmbeddedProxy
 from notifiers.metrics import ProxyMetrics
 from notifiers.providers.base import Delivery, Outcome, Provider
 from notifiers.providers.log import LogProvider
-from notifiers.service import DecryptionError, NotifyService
+from notifiers.service import DecryptionError, NotifyResult, NotifyService
 from notifiers.settings import ProxySettings
 from notifiers.tokens import Kind
 
@@ -328,14 +328,15 @@ def test_tokens_never_appear_in_logs(service, fcm, caplog):
 def test_embedded_proxy_shares_semantics_and_metrics():
     settings = ProxySettings(log_provider=True, debounce_seconds=0.3)
     proxy = EmbeddedProxy(settings)
-    assert proxy.notify(APNS_TOKEN, timeout=1) == 503  # not started
+    assert proxy.notify(APNS_TOKEN, timeout=1) is NOT_RUNNING  # not started
     with proxy:
-        assert proxy.notify(APNS_TOKEN, timeout=5) == 200
-        assert proxy.notify(APNS_TOKEN, timeout=5) == 200  # debounced
-        assert proxy.notify("fcm-bad", timeout=5) == 400
-        assert proxy.notify("", timeout=5) == 400
-        assert proxy.notify("openpgp:abc", timeout=5) == 500
-        assert proxy.notify(FCM_TOKEN, timeout=5) == 200
+        # The verdicts, and the statuses the HTTP front end would make of them.
+        assert http_status(proxy.notify(APNS_TOKEN, timeout=5)) == 200
+        assert proxy.notify(APNS_TOKEN, timeout=5) == NotifyResult(Outcome.SENT, "debounced")
+        assert http_status(proxy.notify("fcm-bad", timeout=5)) == 400
+        assert proxy.notify("", timeout=5).outcome is Outcome.RETRY
+        assert http_status(proxy.notify("openpgp:abc", timeout=5)) == 500
+        assert proxy.notify(FCM_TOKEN, timeout=5).outcome is Outcome.SENT
         metrics = proxy.service.metrics
         assert sample(metrics, "direct_notifications_total") == 1
         assert sample(metrics, "debounced_notifications_total") == 1
@@ -345,7 +346,7 @@ def test_embedded_proxy_shares_semantics_and_metrics():
             time.sleep(0.02)
         assert sample(metrics, "direct_notifications_total") == 2  # trailing send
     assert not proxy.running
-    assert proxy.notify(APNS_TOKEN, timeout=1) == 503
+    assert proxy.notify(APNS_TOKEN, timeout=1) is NOT_RUNNING
 
 
 def test_embedded_proxy_from_threads():
@@ -354,8 +355,8 @@ def test_embedded_proxy_from_threads():
     with EmbeddedProxy(ProxySettings(log_provider=True)) as proxy:
         tokens = [f"fcm-chat.delta:tok{i}" for i in range(200)]
         with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(lambda t: proxy.notify(t, timeout=10), tokens))
-        assert statuses == [200] * 200
+            verdicts = list(pool.map(lambda t: proxy.notify(t, timeout=10).outcome, tokens))
+        assert verdicts == [Outcome.SENT] * 200
         assert sample(proxy.service.metrics, "fcm_notifications_total") == 200
 
 
@@ -368,7 +369,7 @@ def test_embedded_proxy_start_reports_broken_key(tmp_path):
     with pytest.raises(ProviderConfigError):
         proxy.start()
     assert not proxy.running
-    assert proxy.notify(APNS_TOKEN, timeout=1) == 503
+    assert proxy.notify(APNS_TOKEN, timeout=1) is NOT_RUNNING
 
 
 def test_owed_send_evicted_by_the_cap_is_sent_promptly(fcm):
@@ -455,14 +456,14 @@ def test_slow_failed_send_does_not_close_a_newer_window():
         first = asyncio.ensure_future(service.notify(token))  # t=0, in flight until t=15
         await asyncio.sleep(0)
         now[0] = 12.0
-        assert (await service.notify(token)).status == 200  # t=0 window over: sent
+        assert (await service.notify(token)).outcome is Outcome.SENT  # t=0 window over: sent
         now[0] = 15.0
-        assert (await first).status == 500
+        assert (await first).outcome is Outcome.RETRY
         now[0] = 16.0
         result = await service.notify(token)  # inside the t=12 window
         await service.aclose()
         return result
 
     result = asyncio.run(scenario())
-    assert (result.status, result.message) == (200, "debounced")
+    assert result == NotifyResult(Outcome.SENT, "debounced")
     assert len(apns.sent) == 2

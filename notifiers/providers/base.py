@@ -9,16 +9,13 @@ so the service maps outcomes to ``/notify`` statuses in one place.
 from __future__ import annotations
 
 import abc
-import enum
 from dataclasses import dataclass
+
+from chatmail_common.outcome import Outcome
 
 from ..tokens import PushToken
 
-
-class Outcome(enum.Enum):
-    SENT = "sent"  # provider accepted the push -> 200
-    GONE = "gone"  # the token is permanently dead -> 410, the relay deletes it
-    RETRY = "retry"  # anything transient (auth, 5xx, timeout, not configured) -> 500
+__all__ = ["Delivery", "Outcome", "Provider", "ProviderConfigError"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,21 +10,19 @@ import asyncio
 import email.utils
 import logging
 import re
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from chatmail_common.tls import Verify, make_ssl_context
+
 from .base import Delivery, Outcome
 
-log = logging.getLogger(__name__)
+__all__ = ["Verify", "make_ssl_context"]  # re-exported for the provider modules
 
-#: A TLS trust setting as accepted by the provider constructors: an
-#: :class:`ssl.SSLContext`, a CA bundle path, ``True`` (system/certifi CAs) or
-#: ``False`` (no verification; tests only).
-Verify = ssl.SSLContext | str | bool
+log = logging.getLogger(__name__)
 
 #: Upper bound for a server-supplied ``Retry-After`` so a bogus header cannot
 #: park a provider for days.
@@ -81,22 +79,6 @@ def transport_failure(exc: BaseException) -> Delivery:
     """The Delivery for a request that got no HTTP answer (reason ``send``)."""
     details = "timeout" if isinstance(exc, TimeoutError | httpx.TimeoutException) else ""
     return Delivery(Outcome.RETRY, "send", details or label(type(exc).__name__))
-
-
-def make_ssl_context(verify: Verify) -> ssl.SSLContext:
-    """A fresh client SSLContext honouring ``verify`` (used when a client cert must be added)."""
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    if verify is False:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    if isinstance(verify, str):
-        return ssl.create_default_context(cafile=verify)
-    import certifi  # httpx's own default trust store
-
-    return ssl.create_default_context(cafile=certifi.where())
 
 
 async def post(

@@ -7,10 +7,8 @@ without it, the two tiny protocols are spoken directly so a relay without
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-import sys
 
 SD_LISTEN_FDS_START = 3
 
@@ -57,47 +55,3 @@ def listen_fds() -> list[int]:
     except ValueError:
         return []
     return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
-
-
-# sd-daemon(3) priority prefixes, understood by journald on a service's stderr
-_PRIORITY = {
-    logging.CRITICAL: 2,
-    logging.ERROR: 3,
-    logging.WARNING: 4,
-    logging.INFO: 6,
-    logging.DEBUG: 7,
-}
-
-
-class _JournalPriority(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.sd_priority = _PRIORITY.get(record.levelno, 6)
-        return True
-
-
-def configure_logging(level: str | int) -> None:
-    """Log to stderr; under systemd (``JOURNAL_STREAM`` set, stderr is the journal)
-    without our own timestamps and with ``<N>`` priority prefixes, so journald
-    stores each line with its real level and its own time."""
-    handler = logging.StreamHandler(sys.stderr)
-    if _stderr_is_journal():
-        handler.addFilter(_JournalPriority())
-        handler.setFormatter(logging.Formatter("<%(sd_priority)d>%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-def _stderr_is_journal() -> bool:
-    """systemd sets JOURNAL_STREAM=<dev>:<inode> of the journal stream it connected."""
-    value = os.environ.get("JOURNAL_STREAM", "")
-    dev, _, ino = value.partition(":")
-    if not dev.isdigit() or not ino.isdigit():
-        return False
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
