@@ -5,6 +5,11 @@ command and lookups are answered synchronously from SQLite: the hot path is
 ``data_received -> parse -> SQLite -> write`` with no task switches.  A reply that
 needs I/O (TURN) pauses the connection's event processing until it is written, so
 replies always leave in command order.
+
+The backend returns typed replies (``dp.Found``, ``dp.COMMITTED``, ``dp.Failure``, ...);
+every byte written comes from ``DictConnection.send``, which refuses a reply the event
+cannot take.  A backend that raises, or returns something else, still ends in the one
+failure reply the event owes.  Protocol problems the connection reports are logged here.
 """
 
 from __future__ import annotations
@@ -121,7 +126,7 @@ class DictProtocol(asyncio.Protocol):
 
 
 def _own_failure(ev: dp.Refusal) -> None:
-    """A refusal is answered with its own failure (``send(refusal)``)."""
+    """No reply of our own: ``send(refusal)`` answers a refusal with its own failure."""
     return None
 
 
