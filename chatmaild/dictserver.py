@@ -5,6 +5,11 @@ command and lookups are answered synchronously from SQLite: the hot path is
 ``data_received -> parse -> SQLite -> write`` with no task switches.  A reply that
 needs I/O (TURN) pauses the connection's event processing until it is written, so
 replies always leave in command order.
+
+The backend returns typed replies (``dp.Found``, ``dp.COMMITTED``, ``dp.Failure``, ...);
+every byte written comes from ``DictConnection.send``, which refuses a reply the event
+cannot take.  A backend that raises, or returns something else, still ends in the one
+failure reply the event owes.  Protocol problems the connection reports are logged here.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from . import dictproto as dp
 from .metadata import MetadataDict
@@ -35,11 +41,12 @@ class DictProtocol(asyncio.Protocol):
         self.stats = stats
         self.transport: asyncio.Transport | None = None
         self._busy = False
-        self._handlers = {
+        self._version_counted = False
+        self._handlers: dict[type, Callable[[Any], object]] = {
             dp.Lookup: backend.lookup,
             dp.Commit: backend.commit,
             dp.Iterate: backend.iterate,
-            dp.Refusal: _refusal_reply,
+            dp.Refusal: _own_failure,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,40 +68,54 @@ class DictProtocol(asyncio.Protocol):
     def _process(self) -> None:
         conn = self.conn
         handlers = self._handlers
+        reply_types = dp.REPLY_TYPES
+        need_data = dp.NEED_DATA
         out: list[bytes] = []
-        while (ev := conn.next_event()) is not None:
+        while (ev := conn.next_event()) is not need_data:
             kind = type(ev)
             handler = handlers.get(kind)
             if handler is None:
-                continue  # Hello: never answered
+                self._hello(ev)  # type: ignore[arg-type]
+                continue
             self.stats.count(kind)
             try:
                 reply = handler(ev)
             except Exception as exc:  # one reply is owed whatever happened
                 log.exception("error handling %s", kind.__name__)
-                reply = _failure(ev, exc)
-            if type(reply) is bytes:
-                out.append(reply)
-                continue
-            if not inspect.isawaitable(reply):
-                log.error("backend returned %r for %s", type(reply), kind.__name__)
-                out.append(_failure(ev, TypeError("no reply")))
+                reply = dp.Failure(f"internal error: {exc}")
+            if type(reply) in reply_types or reply is None or not inspect.isawaitable(reply):
+                out.append(self._send(ev, reply))  # type: ignore[arg-type]
                 continue
             # An answer that needs I/O: flush what we have, then wait for it in order.
             self._write(out)
             out = []
             self._busy = True
-            asyncio.ensure_future(self._finish(ev, reply))
-            return
+            asyncio.ensure_future(self._finish(ev, reply))  # type: ignore[arg-type]
+            break
         self._write(out)
+        if conn.problems:
+            _log_problems(conn)
 
-    async def _finish(self, ev: dp.Event, pending: Awaitable[bytes]) -> None:
+    def _hello(self, hello: dp.Hello) -> None:
+        if not self._version_counted:
+            self._version_counted = True
+            self.stats.count_version(self.conn.version)
+
+    def _send(self, ev: dp.ReplyOwing, reply: object) -> bytes:
+        """``conn.send``; a reply the event cannot take becomes the failure it owes."""
+        try:
+            return self.conn.send(ev, reply)
+        except dp.LocalProtocolError as exc:
+            log.error("backend reply refused: %s", exc)
+            return self.conn.send(ev, dp.Failure(f"internal error: {exc}"))
+
+    async def _finish(self, ev: dp.ReplyOwing, pending: Awaitable[object]) -> None:
         try:
             reply = await pending
         except Exception as exc:  # never leave Dovecot without its one reply
             log.exception("lookup failed")
-            reply = _failure(ev, exc)
-        self._write([reply])
+            reply = dp.Failure(f"internal error: {exc}")
+        self._write([self._send(ev, reply)])
         self._busy = False
         if self.transport is not None:
             self._process()
@@ -104,17 +125,14 @@ class DictProtocol(asyncio.Protocol):
             self.transport.write(b"".join(chunks))
 
 
-def _refusal_reply(ev: dp.Refusal) -> bytes:
-    return ev.reply
+def _own_failure(ev: dp.Refusal) -> None:
+    """No reply of our own: ``send(refusal)`` answers a refusal with its own failure."""
+    return None
 
 
-def _failure(ev: dp.Event, exc: BaseException) -> bytes:
-    """The failure reply of the kind ``ev`` owes (commit, iterate or lookup)."""
-    if isinstance(ev, dp.Commit):
-        return dp.commit_reply(ev.txid, f"internal error: {exc}")
-    if isinstance(ev, dp.Iterate):
-        return dp.iterate_failure(f"internal error: {exc}")
-    return dp.lookup_failure(f"internal error: {exc}")
+def _log_problems(conn: dp.DictConnection) -> None:
+    while conn.problems:
+        log.warning("%s", conn.problems.popleft())
 
 
 class ServerStats:
@@ -127,6 +145,7 @@ class ServerStats:
         "iterations",
         "commits",
         "refusals",
+        "connections_by_version",
     )
 
     def count(self, kind: type) -> None:
@@ -139,6 +158,11 @@ class ServerStats:
         else:
             self.refusals += 1
 
+    def count_version(self, version: dp.ProtocolVersion) -> None:
+        """A connection's first H line: which Dovecot release it speaks for."""
+        by_version = self.connections_by_version
+        by_version[version.dovecot] = by_version.get(version.dovecot, 0) + 1
+
     def __init__(self) -> None:
         self.connections = 0
         self.open_connections = 0
@@ -146,6 +170,8 @@ class ServerStats:
         self.iterations = 0
         self.commits = 0
         self.refusals = 0
+        # Dovecot release ("2.3", "2.4") -> connections that said hello as it
+        self.connections_by_version: dict[str, int] = {v.dovecot: 0 for v in dp.VERSIONS}
 
 
 def bind_unix_socket(path: str | Path, mode: int | None) -> socket.socket:

@@ -85,33 +85,33 @@ class MetadataDict:
         self.clock = clock
 
     # -- lookups ----------------------------------------------------------
-    def lookup(self, ev: dp.Lookup) -> bytes | Awaitable[bytes]:
-        """Reply bytes, or an awaitable of them when I/O is needed (TURN)."""
+    def lookup(self, ev: dp.Lookup) -> dp.LookupReply | Awaitable[dp.LookupReply]:
+        """The reply, or an awaitable of it when I/O is needed (TURN)."""
         name = server_key_name(ev.key)
         if name is not None:
             if name == b"turn":
                 return self._turn_reply()
-            return dp.lookup_reply(self.server_keys.static_value(name))
+            return dp.lookup_result(self.server_keys.static_value(name))
         parts = split_key(ev.key)
         if parts is None:
-            return dp.lookup_reply(None)
+            return dp.NOT_FOUND
         ns, _guid, rest = parts
         if ns == b"priv" and rest == DEVICETOKEN:
             tokens = self.store.valid_tokens(ev.user, int(self.clock()))
-            return dp.lookup_reply(" ".join(tokens).encode() if tokens else None)
+            return dp.lookup_result(" ".join(tokens).encode() if tokens else None)
         if ns == b"priv" and rest == MESSAGENEW:
-            return dp.lookup_reply(None)
-        return dp.lookup_reply(self.store.get_attribute(ev.user, ev.key))
+            return dp.NOT_FOUND
+        return dp.lookup_result(self.store.get_attribute(ev.user, ev.key))
 
-    async def _turn_reply(self) -> bytes:
-        return dp.lookup_reply(await self.server_keys.turn())
+    async def _turn_reply(self) -> dp.LookupReply:
+        return dp.lookup_result(await self.server_keys.turn())
 
     # -- iteration --------------------------------------------------------
-    def iterate(self, ev: dp.Iterate) -> bytes:
+    def iterate(self, ev: dp.Iterate) -> dp.IterateReply:
         rows = self.store.iter_attributes(ev.user, ev.prefix)
         rows.extend(self._virtual_rows(ev))
         rows.sort()
-        return dp.iterate_reply(ev.prefix, rows, ev.flags, ev.max_rows)
+        return dp.Rows(rows)  # the connection keeps only rows under ev.prefix, per ev.flags
 
     def _virtual_rows(self, ev: dp.Iterate) -> list[tuple[bytes, bytes]]:
         """Device tokens and server keys also show up in listings, like stored attributes."""
@@ -139,7 +139,7 @@ class MetadataDict:
         return rows
 
     # -- transactions -----------------------------------------------------
-    def _commit(self, ev: dp.Commit) -> bytes:
+    def _commit(self, ev: dp.Commit) -> dp.CommitReply:
         notfound = False
         new_mail = False
         try:
@@ -151,24 +151,24 @@ class MetadataDict:
         if new_mail and self.hook is not None:
             self.hook.committed()
         if notfound:
-            return dp.commit_notfound(ev.txid)
-        return dp.commit_reply(ev.txid)
+            return dp.COMMIT_NOTFOUND
+        return dp.COMMITTED
 
     def _hook_rolled_back(self) -> None:
         rolled_back = getattr(self.hook, "rolled_back", None)
         if rolled_back is not None:
             rolled_back()
 
-    def commit(self, ev: dp.Commit) -> bytes:
-        """Apply ``ev.ops`` in one SQLite transaction; ``O<id>`` or ``F<id>\\t<reason>``."""
+    def commit(self, ev: dp.Commit) -> dp.CommitReply:
+        """Apply ``ev.ops`` in one SQLite transaction; ``COMMITTED`` or a ``Failure``."""
         try:
             return self._commit(ev)
         except CommitRefused as exc:
             log.warning("commit refused for %s (dict %r): %s", ev.user, ev.dict_name, exc)
-            return dp.commit_reply(ev.txid, str(exc))
+            return dp.Failure(str(exc))
         except sqlite3.Error as exc:
             log.error("commit failed for %s: %s", ev.user, exc)
-            return dp.commit_reply(ev.txid, f"storage error: {exc}")
+            return dp.Failure(f"storage error: {exc}")
 
     def _apply(self, conn: sqlite3.Connection, ev: dp.Commit) -> tuple[bool, bool]:
         user = ev.user

@@ -34,6 +34,14 @@ class _DictStatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         for name, doc in self.COUNTERS:
             yield CounterMetricFamily(f"chatmail_dict_{name}", doc, value=getattr(self.stats, name))
+        by_version = CounterMetricFamily(
+            "chatmail_dict_connections_by_protocol",
+            "Dict connections by the Dovecot release their hello (H line) speaks for",
+            labels=["dovecot"],
+        )
+        for release, count in sorted(self.stats.connections_by_version.items()):
+            by_version.add_metric([release], count)
+        yield by_version
         yield GaugeMetricFamily(
             "chatmail_dict_open_connections",
             "Dict connections open",

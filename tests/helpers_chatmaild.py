@@ -99,8 +99,9 @@ def make_backend(
     )
 
 
-def answer(backend: MetadataDict, ev: dp.Event) -> bytes | None:
-    """The bytes a server would send for ``ev`` (awaitables are run to completion)."""
+def answer(backend: MetadataDict, ev: dp.Event) -> object:
+    """The backend's typed reply to ``ev`` (awaitables run to completion); None for a Hello
+    or a Refusal (which the connection answers with its own failure)."""
     if isinstance(ev, dp.Lookup):
         reply = backend.lookup(ev)
         if inspect.isawaitable(reply):
@@ -114,26 +115,35 @@ def answer(backend: MetadataDict, ev: dp.Event) -> bytes | None:
         return backend.iterate(ev)
     if isinstance(ev, dp.Commit):
         return backend.commit(ev)
-    if isinstance(ev, dp.Refusal):
-        return ev.reply
     return None
+
+
+def reply_bytes(ev: dp.Event, reply: object) -> bytes:
+    """What ``reply`` to ``ev`` looks like on the wire, for events built by hand in a test
+    (a server answers through ``DictConnection.send``, which also checks the event is owed)."""
+    return dp.encode_reply(ev, reply)
 
 
 class Session:
     """Drive a backend through one DictConnection, like the server does, synchronously."""
 
-    def __init__(self, backend: MetadataDict, dict_name: str = "metadata") -> None:
+    def __init__(
+        self,
+        backend: MetadataDict,
+        dict_name: str = "metadata",
+        version: dp.ProtocolVersion = dp.DOVECOT_2_3,
+    ) -> None:
         self.backend = backend
         self.conn = dp.DictConnection()
-        self.send(f"H3\t2\t0\t\t{dict_name}\n".encode())
+        self.send(version.hello_line(dict_name))
 
     def send(self, data: bytes) -> bytes:
         self.conn.receive_data(data)
         out = []
-        while (ev := self.conn.next_event()) is not None:
-            reply = answer(self.backend, ev)
-            if reply is not None:
-                out.append(reply)
+        while (ev := self.conn.next_event()) is not dp.NEED_DATA:
+            if isinstance(ev, dp.Hello):
+                continue
+            out.append(self.conn.send(ev, answer(self.backend, ev)))
         return b"".join(out)
 
     def lookup(self, key: bytes, user: str = ALICE) -> bytes:

@@ -1,9 +1,9 @@
-"""The sans-I/O dict protocol: escaping, framing, parsing, transactions, reply builders."""
+"""The sans-I/O dict protocol: escaping, framing, parsing, transactions, versions, replies."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from chatmaild import dictproto as dp
@@ -11,6 +11,12 @@ from chatmaild import dictproto as dp
 REPLY_OWING = (dp.Lookup, dp.Iterate, dp.Commit, dp.Refusal)
 NO_REPLY_LETTERS = b"HBSUATVR"
 REPLY_LETTERS = b"LICD"
+# What owes a reply in each release (written out here, not read from dp.VERSIONS).
+REPLY_LETTERS_OF = {"2.3": b"LICD", "2.4": b"LIC"}
+# A connection before any H line (served as 2.3), and one that said each release's hello.
+PRELUDES = {"no hello": b"", "2.3": b"H3\t2\t0\t\tmetadata\n", "2.4": b"H4\t0\t0\t\tmetadata\n"}
+EXPIRE = {"no hello": b"", "2.3": b"", "2.4": b"\t0"}  # 2.4's B<id>\t<user>\t<expire-secs>
+by_version = pytest.mark.parametrize("hello", list(PRELUDES))
 
 # Lines (without their LF) biased towards the protocol's letters and separators.
 _field_bytes = st.binary(max_size=40)
@@ -38,10 +44,47 @@ def feed_lines(conn: dp.DictConnection, lines: list[bytes]) -> list[list[dp.Even
     return out
 
 
-def check_refusal(ev: dp.Event) -> None:
+def connection(hello: str, *lines: bytes, **kw) -> dp.DictConnection:
+    """A connection that said ``hello`` (a key of PRELUDES) and got ``lines``; B lines get
+    the version's third field."""
+    conn = dp.DictConnection(**kw)
+    conn.receive_data(PRELUDES[hello])
+    for line in lines:
+        conn.receive_data(line + (EXPIRE[hello] if line[:1] == b"B" else b"") + b"\n")
+    conn.events()
+    assert conn.version.dovecot == ("2.3" if hello == "no hello" else hello)
+    assert conn.open_transactions == sum(line[:1] == b"B" for line in lines)
+    return conn
+
+
+def feed_and_expect(conn: dp.DictConnection, lines: list[bytes]) -> tuple[list, list[int]]:
+    """Like feed_lines, plus the replies each line owes by the letter tables above, for
+    the version the connection serves when the line arrives (an H line may change it)."""
+    events, owed = [], []
+    for line in lines:
+        letters = REPLY_LETTERS_OF[conn.version.dovecot]
+        owed.append(1 if line[:1] and line[0] in letters else 0)
+        events.extend(feed_lines(conn, [line]))
+    return events, owed
+
+
+STOCK_REPLY = {dp.Lookup: dp.NOT_FOUND, dp.Iterate: dp.Rows(()), dp.Commit: dp.COMMITTED}
+
+
+def answer(conn: dp.DictConnection, ev: dp.Event) -> bytes | None:
+    """Answer ``ev`` through the connection as a server would: a Refusal with its own
+    failure, the others with a stock reply; None for an event that owes nothing."""
+    if not is_reply_owing(ev):
+        return None
+    return conn.send(ev, STOCK_REPLY.get(type(ev)))
+
+
+def check_refusal(conn: dp.DictConnection, ev: dp.Event) -> None:
+    """Answer ``ev`` (events must be checked in order); a refusal is one F line."""
+    reply = answer(conn, ev)
     if isinstance(ev, dp.Refusal):
-        assert ev.reply[:1] == b"F"
-        assert ev.reply.endswith(b"\n") and ev.reply.count(b"\n") == 1
+        assert reply[:1] == b"F"
+        assert reply.endswith(b"\n") and reply.count(b"\n") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -85,44 +128,48 @@ def test_split_never_strips():
 # Parser invariants (property based)
 
 
+@by_version
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(lines_st, max_size=25))
-def test_parser_one_reply_per_reply_letter(lines):
-    conn = dp.DictConnection()
-    prelude = [b"H3\t2\t0\t\tmetadata", b"B1\talice", b"B2\tbob"]
-    feed_lines(conn, prelude)
-    for line, events in zip(lines, feed_lines(conn, lines), strict=True):
+@given(lines=st.lists(lines_st, max_size=25))
+def test_parser_one_reply_per_reply_letter(hello, lines):
+    conn = connection(hello, b"B1\talice", b"B2\tbob")
+    per_line, owed = feed_and_expect(conn, lines)
+    for line, events, expected in zip(lines, per_line, owed, strict=True):
         owing = [ev for ev in events if is_reply_owing(ev)]
         for ev in events:
-            check_refusal(ev)
-        if line[:1] and line[0] in REPLY_LETTERS:
+            check_refusal(conn, ev)
+        if expected:
             assert len(owing) == 1, (line, events)
         else:
             assert owing == [], (line, events)
+    assert conn.replies_owed == 0
 
 
+@by_version
 @settings(max_examples=200)
 @given(
-    st.sampled_from(list(NO_REPLY_LETTERS)),
-    st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"")),
+    letter=st.sampled_from(list(NO_REPLY_LETTERS)),
+    rest=st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"")),
 )
-def test_no_reply_commands_never_owe_a_reply(letter, rest):
-    conn = dp.DictConnection()
-    feed_lines(conn, [b"B1\talice", b"B7\tbob"])
+def test_no_reply_commands_never_owe_a_reply(hello, letter, rest):
+    conn = connection(hello, b"B1\talice", b"B7\tbob")
     (events,) = feed_lines(conn, [bytes([letter]) + rest])
     assert not any(is_reply_owing(ev) for ev in events)
 
 
+@by_version
 @settings(max_examples=200)
 @given(
-    st.sampled_from(list(REPLY_LETTERS)),
-    st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"")),
+    letter=st.sampled_from(list(REPLY_LETTERS)),
+    rest=st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"")),
 )
-def test_reply_commands_owe_exactly_one_reply_even_malformed(letter, rest):
-    conn = dp.DictConnection()
-    feed_lines(conn, [b"B1\talice"])
+def test_reply_commands_owe_exactly_one_reply_even_malformed(hello, letter, rest):
+    conn = connection(hello, b"B1\talice")
     (events,) = feed_lines(conn, [bytes([letter]) + rest])
-    assert sum(map(is_reply_owing, events)) == 1
+    owed = 1 if letter in REPLY_LETTERS_OF.get(hello, REPLY_LETTERS) else 0
+    assert sum(map(is_reply_owing, events)) == owed
+    for ev in events:
+        check_refusal(conn, ev)
 
 
 @st.composite
@@ -133,18 +180,17 @@ def stream_and_cuts(draw):
     return lines, stream, cuts
 
 
+@by_version
 @settings(max_examples=300)
-@given(stream_and_cuts(), st.sampled_from([8, 16, 40, dp.DEFAULT_MAX_LINE]))
-def test_arbitrary_chunking_gives_the_same_events(data, max_line):
+@given(data=stream_and_cuts(), max_line=st.sampled_from([8, 16, 40, dp.DEFAULT_MAX_LINE]))
+def test_arbitrary_chunking_gives_the_same_events(hello, data, max_line):
     lines, stream, cuts = data
-    whole = dp.DictConnection(max_line)
-    whole.receive_data(b"B1\talice\n")
-    whole.events()
-    expected = [ev for evs in feed_lines(whole, lines) for ev in evs]
+    assume(len(PRELUDES[hello]) <= max_line + 1)  # the 16-byte hello fits all but the 8 limit
+    whole = connection(hello, b"B1\talice", max_line=max_line)
+    per_line, owed = feed_and_expect(whole, lines)
+    expected = [ev for evs in per_line for ev in evs]
 
-    chunked = dp.DictConnection(max_line)
-    chunked.receive_data(b"B1\talice\n")
-    chunked.events()
+    chunked = connection(hello, b"B1\talice", max_line=max_line)
     got = []
     start = 0
     for cut in [*cuts, len(stream)]:
@@ -152,16 +198,18 @@ def test_arbitrary_chunking_gives_the_same_events(data, max_line):
         got.extend(chunked.events())
         start = cut
     assert got == expected
-    owing = sum(1 for line in lines if line[:1] and line[0] in REPLY_LETTERS)
+    owing = sum(owed)
     assert sum(map(is_reply_owing, got)) == owing
 
 
-@given(st.binary(max_size=200))
-def test_arbitrary_bytes_never_raise(data):
-    conn = dp.DictConnection(max_line=64)
+@by_version
+@given(data=st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise(hello, data):
+    conn = connection(hello, max_line=64)
     conn.receive_data(data)
     for ev in conn.events():
-        check_refusal(ev)
+        check_refusal(conn, ev)
+    assert conn.replies_owed == 0
 
 
 @pytest.mark.parametrize(
@@ -236,7 +284,7 @@ def test_set_without_value_fails_the_commit():
     evs = feed_lines(conn, [b"B1\talice", b"S1\tpriv/g/k", b"C1"])
     assert evs[1] == []
     [ref] = evs[2]
-    assert isinstance(ref, dp.Refusal) and ref.reply.startswith(b"F1\t")
+    assert isinstance(ref, dp.Refusal) and conn.send(ref).startswith(b"F1\t")
 
 
 def test_several_transactions_open_at_once():
@@ -275,14 +323,14 @@ def test_rollback_discards():
     assert evs[2] == []
     assert conn.open_transactions == 0
     [ref] = evs[3]
-    assert isinstance(ref, dp.Refusal) and ref.reply.startswith(b"F1\t")
+    assert isinstance(ref, dp.Refusal) and conn.send(ref).startswith(b"F1\t")
 
 
 def test_unknown_transaction_ids():
     conn = dp.DictConnection()
     evs = feed_lines(conn, [b"S9\tpriv/g/k\tv", b"U9\tk", b"R9", b"T9\t1\t2", b"C9", b"D8"])
     assert evs[:4] == [[], [], [], []]
-    assert [e.reply[:3] for [e] in evs[4:]] == [b"F9\t", b"F8\t"]
+    assert [conn.send(e)[:3] for [e] in evs[4:]] == [b"F9\t", b"F8\t"]
     assert conn.errors >= 6
 
 
@@ -301,7 +349,7 @@ def test_non_utf8_user():
     )
     for e in evs:
         for ev in e:
-            check_refusal(ev)
+            check_refusal(conn, ev)
     assert [len(e) for e in evs] == [1, 1, 0, 0, 1]
     assert all(isinstance(e[0], dp.Refusal) for e in (evs[0], evs[1], evs[4]))
 
@@ -360,13 +408,14 @@ def test_oversized_lines_dropped_with_f_and_other_transactions_survive(chunk):
         events.extend(conn.events())
     assert len(events) == 5
     l_big, i_big, lookup, c1, c2 = events
-    assert isinstance(l_big, dp.Refusal) and l_big.reply.startswith(b"F")
-    assert isinstance(i_big, dp.Refusal) and i_big.reply.startswith(b"F")
+    replies = [answer(conn, ev) for ev in events]
+    assert isinstance(l_big, dp.Refusal) and replies[0].startswith(b"F")
+    assert isinstance(i_big, dp.Refusal) and replies[1].startswith(b"F")
     assert lookup == dp.Lookup(b"priv/g/a", "alice")
     assert c1 == dp.Commit(
         "1", "alice", (dp.SetOp(b"priv/g/a", b"1"), dp.SetOp(b"priv/g/c", b"3")), ""
     )
-    assert isinstance(c2, dp.Refusal) and c2.reply.startswith(b"F2\t")
+    assert isinstance(c2, dp.Refusal) and replies[4].startswith(b"F2\t")
     assert conn.open_transactions == 0
 
 
@@ -374,7 +423,7 @@ def test_oversized_commit_line_answers_f_and_drops_tx():
     conn = dp.DictConnection(max_line=50)
     evs = feed_lines(conn, [b"B1\talice", b"C1" + b"\t" * 100])
     [ref] = evs[1]
-    assert isinstance(ref, dp.Refusal) and ref.reply.startswith(b"F")
+    assert isinstance(ref, dp.Refusal) and conn.send(ref).startswith(b"F")
     assert conn.open_transactions == 0
 
 
@@ -394,7 +443,7 @@ def test_buffer_bounded_while_discarding():
     for _ in range(200):
         conn.receive_data(b"z" * 997)
         assert conn.events() == []
-        assert len(conn._buf) <= 2000
+        assert conn.buffered_bytes <= 2000
     conn.receive_data(b"\tu\nLk\tu\n")
     evs = conn.events()
     assert isinstance(evs[0], dp.Refusal)
@@ -443,6 +492,12 @@ def test_iterate_reply_only_rows_under_prefix_with_tab(data):
     if flags & dp.ITER_NO_VALUE:
         expected = [(k, b"") for k, _ in expected]
     assert got == expected
+    # The same bytes when the rows go back through the connection that asked for them.
+    conn = dp.DictConnection()
+    conn.receive_data(b"I%d\t%d\t" % (flags, max_rows) + dp.tabescape(prefix) + b"\tu\n")
+    (ev,) = conn.events()
+    assert ev == dp.Iterate(flags, max_rows, prefix, "u")
+    assert conn.send(ev, dp.Rows(rows)) == out
 
 
 @given(st.one_of(st.none(), st.binary()))
@@ -492,7 +547,7 @@ def test_oversized_value_fails_its_transaction_when_it_arrives():
     conn.receive_data(b"S2\tpriv/g/k\t0123456789\nC1\nC2\n")
     first, second = conn.events()
     assert isinstance(first, dp.Refusal)
-    assert first.reply == b"F1\tvalue of 11 bytes exceeds the limit of 10 bytes\n"
+    assert conn.send(first) == b"F1\tvalue of 11 bytes exceeds the limit of 10 bytes\n"
     assert isinstance(second, dp.Commit)  # the other transaction is untouched
     assert second.ops == (dp.SetOp(b"priv/g/k", b"0123456789"),)
 
@@ -505,5 +560,246 @@ def test_transaction_buffering_is_bounded():
     conn.receive_data(b"C1\n")
     (event,) = conn.events()
     assert isinstance(event, dp.Refusal)
-    assert b"transaction too large" in event.reply
+    assert b"transaction too large" in conn.send(event)
     assert conn.open_transactions == 0
+
+
+# ---------------------------------------------------------------------------
+# Replies go through the connection: once each, in order, of the event's kind
+
+
+def owed_events(*lines: bytes) -> tuple[dp.DictConnection, list[dp.Event]]:
+    conn = dp.DictConnection()
+    conn.receive_data(b"".join(line + b"\n" for line in lines))
+    return conn, conn.events()
+
+
+def test_typed_replies_and_their_bytes():
+    conn, (lk1, lk2, lk3, it1, it2, c1, c2, c3) = owed_events(
+        b"Lk\tu", b"Lk\tu", b"Lk\tu", b"I0\t0\tp/\tu", b"I0\t0\tp/\tu",
+        b"B1\tu", b"C1", b"B2\tu", b"C2", b"B3\tu", b"C3",
+    )  # fmt: skip
+    assert conn.replies_owed == 8
+    assert conn.send(lk1, dp.Found(b"a\tb")) == b"Oa\x01tb\n"
+    assert conn.send(lk2, dp.NOT_FOUND) == b"N\n"
+    assert conn.send(lk3, dp.Failure("no\nway")) == b"Fno\x01nway\n"
+    rows = [(b"p/a", b"1"), (b"q/b", b"2")]
+    assert conn.send(it1, dp.Rows(rows)) == b"Op/a\t1\n\n"
+    assert conn.send(it2, dp.Failure("broken")) == b"Fbroken\n"
+    assert conn.send(c1, dp.COMMITTED) == b"O1\n"
+    assert conn.send(c2, dp.COMMIT_NOTFOUND) == b"N2\n"
+    assert conn.send(c3, dp.Failure("full")) == b"F3\tfull\n"
+    assert conn.replies_owed == 0
+
+
+def test_refusal_is_answered_with_its_own_failure_or_another():
+    conn, (r1, r2) = owed_events(b"C7", b"Lk\t\xff")
+    assert isinstance(r1, dp.Refusal) and isinstance(r2, dp.Refusal)
+    assert (r1.command, r1.txid, r1.reason) == ("C", "7", "unknown transaction")
+    assert conn.send(r1) == b"F7\tunknown transaction\n"
+    assert conn.send(r2, dp.Failure("internal error")) == b"Finternal error\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"Lk\tu", dp.Found(b"v")),
+        (b"I9\t0\tp\tu", dp.Rows([])),
+        (b"C1", dp.COMMITTED),
+        (b"C9", None),  # a Refusal
+    ],
+)
+def test_second_reply_to_one_event_is_refused(line, reply):
+    conn, [ev] = owed_events(b"B1\tu", line)
+    first = conn.send(ev, reply)
+    assert first.endswith(b"\n")
+    with pytest.raises(dp.LocalProtocolError, match="owes no reply .already answered"):
+        conn.send(ev, reply)
+    with pytest.raises(dp.LocalProtocolError):
+        conn.send(ev, dp.Failure("again"))
+
+
+@pytest.mark.parametrize(
+    ("line", "wrong"),
+    [
+        (b"Lk\tu", dp.COMMITTED),
+        (b"Lk\tu", dp.Rows([(b"k", b"v")])),
+        (b"Lk\tu", b"Ov\n"),  # bytes of one's own: never
+        (b"Lk\tu", None),
+        (b"I9\t0\tp\tu", dp.Found(b"v")),
+        (b"I9\t0\tp\tu", dp.NOT_FOUND),
+        (b"I9\t0\tp\tu", [(b"p", b"v")]),  # rows must come as Rows
+        (b"C1", dp.NOT_FOUND),
+        (b"C1", dp.Found(b"1")),
+        (b"C1", None),
+        (b"C9", dp.COMMITTED),  # a Refusal takes only a failure
+        (b"C9", dp.NOT_FOUND),
+    ],
+)
+def test_wrong_kind_of_reply_is_refused_and_changes_nothing(line, wrong):
+    conn, [ev] = owed_events(b"B1\tu", line)
+    with pytest.raises(dp.LocalProtocolError, match=f"a {type(ev).__name__} is answered with"):
+        conn.send(ev, wrong)
+    assert conn.replies_owed == 1  # still owed: the right reply goes out afterwards
+    assert conn.send(ev, dp.Failure("x"))[:1] == b"F"
+    assert conn.replies_owed == 0
+
+
+def test_replies_leave_in_command_order():
+    conn, (first, second) = owed_events(b"La\tu", b"Lb\tu")
+    with pytest.raises(dp.LocalProtocolError, match="out of command order"):
+        conn.send(second, dp.NOT_FOUND)
+    assert conn.send(first, dp.NOT_FOUND) == b"N\n"
+    assert conn.send(second, dp.Found(b"b")) == b"Ob\n"
+
+
+def test_hello_and_foreign_events_owe_no_reply():
+    conn, [hello] = owed_events(b"H3\t2\t0\t\tmetadata")
+    with pytest.raises(dp.LocalProtocolError, match="a Hello owes no reply"):
+        conn.send(hello, dp.NOT_FOUND)
+    other, [lookup] = owed_events(b"Lk\tu")
+    with pytest.raises(dp.LocalProtocolError, match="not an event of this connection"):
+        conn.send(lookup, dp.NOT_FOUND)
+    with pytest.raises(dp.LocalProtocolError, match="not an event of this connection"):
+        other.send(dp.Lookup(b"k", "u"), dp.NOT_FOUND)  # equal, but not the one handed out
+    assert other.send(lookup, dp.NOT_FOUND) == b"N\n"
+    with pytest.raises(dp.LocalProtocolError, match="Hello owes no reply"):
+        dp.encode_reply(hello, dp.NOT_FOUND)
+
+
+def test_sentinels_are_their_own_type():
+    for sentinel in (dp.NEED_DATA, dp.NOT_FOUND, dp.COMMITTED, dp.COMMIT_NOTFOUND):
+        assert type(sentinel) is sentinel
+        assert repr(sentinel) == sentinel.__name__
+    assert dp.lookup_result(None) is dp.NOT_FOUND
+    assert dp.lookup_result(b"") == dp.Found(b"")
+    assert dp.DictConnection().next_event() is dp.NEED_DATA
+
+
+def test_protocol_errors_are_reported_not_logged():
+    conn, events = owed_events(b"Xjunk", b"S9\tk\tv", b"", b"C5")
+    assert [type(ev) for ev in events] == [dp.Refusal]
+    assert conn.errors == 4
+    assert list(conn.problems) == [
+        "dict protocol error: 'X': unknown command",
+        "dict protocol error: 'S': unknown transaction id '9'",
+        "dict protocol error: empty line",
+        "dict protocol error: commit of unknown transaction '5'",
+    ]
+    conn.receive_data(b"\n" * 1000)
+    assert conn.events() == [] and conn.errors == 1004
+    assert len(conn.problems) <= 64  # bounded if nobody takes them
+
+
+# ---------------------------------------------------------------------------
+# Protocol versions
+
+
+def test_h4_hello_serves_dovecot_2_4():
+    conn = dp.DictConnection()
+    assert conn.version is dp.DOVECOT_2_3  # before any H line
+    (events,) = feed_lines(conn, [b"H4\t0\t0\t\tlmtp"])
+    assert events == [dp.Hello(4, 0, "lmtp")]
+    assert conn.version is dp.DOVECOT_2_4 and conn.dict_name == "lmtp"
+    assert conn.protocol_major == 4
+    assert not conn.problems and conn.replies_owed == 0
+    assert dp.DOVECOT_2_4.hello_line("lmtp") == b"H4\t0\t0\t\tlmtp\n"
+    assert dp.DOVECOT_2_3.hello_line("metadata") == b"H3\t2\t0\t\tmetadata\n"
+
+
+def test_three_field_begin():
+    conn = dp.DictConnection()
+    evs = feed_lines(
+        conn,
+        [
+            b"H4\t0\t0\t\tmetadata",
+            b"B1\talice@example.org\t0",
+            b"S1\tpriv/g/devicetoken\ttok1",
+            b"C1",
+            b"B2\talice@example.org\t3600",
+            b"C2",
+            b"B3\tbob@example.org",  # Dovecot's own 2.4 server reads the expiry as optional
+            b"C3",
+        ],
+    )
+    assert evs[3] == [
+        dp.Commit("1", "alice@example.org", (dp.SetOp(b"priv/g/devicetoken", b"tok1"),), "metadata")
+    ]
+    assert evs[3][0].expire_secs == 0
+    assert evs[5] == [dp.Commit("2", "alice@example.org", (), "metadata", expire_secs=3600)]
+    assert evs[7] == [dp.Commit("3", "bob@example.org", (), "metadata")]
+    assert conn.errors == 0
+
+
+def test_begin_with_a_bad_expiry_opens_nothing():
+    conn = dp.DictConnection()
+    evs = feed_lines(conn, [b"H4\t0\t0\t\tm", b"B1\talice\tsoon", b"S1\tk\tv", b"C1"])
+    assert evs[1:3] == [[], []]
+    [ref] = evs[3]
+    assert isinstance(ref, dp.Refusal) and conn.send(ref) == b"F1\tunknown transaction\n"
+
+
+def test_third_begin_field_is_not_read_on_2_3():
+    """2.3 defines no expiry: an extra field is ignored, as any extra field is."""
+    conn = dp.DictConnection()
+    evs = feed_lines(conn, [b"H3\t2\t0\t\tm", b"B1\talice\tsoon", b"C1"])
+    assert evs[2] == [dp.Commit("1", "alice", (), "m")]
+
+
+def test_async_commit_exists_only_in_2_3():
+    old = dp.DictConnection()
+    evs = feed_lines(old, [b"H3\t2\t0\t\tm", b"B1\ta", b"D1"])
+    assert evs[2] == [dp.Commit("1", "a", (), "m")]
+    new = dp.DictConnection()
+    evs = feed_lines(new, [b"H4\t0\t0\t\tm", b"B1\ta\t0", b"D1", b"C1"])
+    assert evs[2] == []  # an unknown command: 2.4 never sends it, so it owes nothing
+    assert list(new.problems) == ["dict protocol error: 'D': unknown command"]
+    assert evs[3] == [dp.Commit("1", "a", (), "m")]
+
+
+@pytest.mark.parametrize(
+    ("major", "served"),
+    [(2, dp.DOVECOT_2_3), (1, dp.DOVECOT_2_3), (5, dp.DOVECOT_2_4), (99, dp.DOVECOT_2_4)],
+)
+def test_unknown_major_warns_once_and_is_served_as_the_nearest(major, served):
+    conn = dp.DictConnection()
+    evs = feed_lines(conn, [b"H%d\t7\t0\t\tmetadata" % major, b"H%d\t8" % major, b"Lk\tu"])
+    assert evs[0] == [dp.Hello(major, 7, "metadata")] and evs[1] == [dp.Hello(major, 8, "")]
+    assert conn.version is served and conn.protocol_major == major
+    assert list(conn.problems) == [
+        f"dict client speaks protocol {major}.7, which no known Dovecot does;"
+        f" serving it as Dovecot {served.dovecot}"
+    ]
+    assert conn.errors == 0  # a warning, not a protocol error
+    assert conn.send(evs[2][0], dp.NOT_FOUND) == b"N\n"
+
+
+def test_version_table():
+    assert [v.dovecot for v in dp.VERSIONS] == ["2.3", "2.4"]
+    assert (dp.DOVECOT_2_3.major, dp.DOVECOT_2_3.minor) == (3, 2)
+    assert (dp.DOVECOT_2_4.major, dp.DOVECOT_2_4.minor) == (4, 0)
+    for version in dp.VERSIONS:
+        assert set(version.commands) >= set(b"HLIBSUATVRC")
+        owed = bytes(letter for letter in version.commands if version.owes_reply(letter))
+        assert owed == REPLY_LETTERS_OF[version.dovecot]
+    assert b"D" in dp.DOVECOT_2_3.commands and b"D" not in dp.DOVECOT_2_4.commands
+    assert not dp.DOVECOT_2_3.begin_has_expire and dp.DOVECOT_2_4.begin_has_expire
+
+
+# ---------------------------------------------------------------------------
+# Framing alone
+
+
+def test_line_buffer_alone():
+    from chatmaild.dictproto.framing import LineBuffer, Oversized
+
+    buf = LineBuffer(max_line=10)
+    buf.feed(b"Lk\tu\nS1\t" + b"x" * 20)
+    assert buf.next_line() == b"Lk\tu"
+    assert buf.next_line() is dp.NEED_DATA
+    assert buf.buffered == 0  # over the limit without its LF: dropped as it came
+    buf.feed(b"yyy\nC1\n")
+    dropped = buf.next_line()
+    assert type(dropped) is Oversized and dropped.head == b"S1\t" + b"x" * 20
+    assert buf.next_line() == b"C1"
+    assert buf.next_line() is dp.NEED_DATA

@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers_chatmaild import ALICE, BOB, SERVER, make_backend, priv, wire
+from prometheus_client import generate_latest
 
 from chatmaild import dictproto as dp
-from chatmaild.dictserver import bind_unix_socket, start_dict_server
+from chatmaild.dictserver import DictProtocol, ServerStats, bind_unix_socket, start_dict_server
+from chatmaild.relaymetrics import RelayMetrics
 
 HELLO = b"H3\t2\t0\t\tmetadata\n"
 
@@ -293,3 +295,142 @@ def test_huge_number_field_answered_f(server):
     reply = c.lines(2)
     assert reply[0].startswith(b"F") and reply[1] == b"N"
     c.close()
+
+
+# ---------------------------------------------------------------------------
+# The adapter alone (no socket): every owed reply goes out through the connection
+
+
+class FakeTransport:
+    def __init__(self):
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def adapter(backend) -> tuple[DictProtocol, FakeTransport]:
+    proto = DictProtocol(backend, dp.DEFAULT_MAX_LINE, ServerStats())
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    return proto, transport
+
+
+def test_backend_exception_ends_in_the_one_failure_owed(tmp_path, caplog):
+    backend = make_backend(tmp_path)
+
+    def broken(ev):
+        raise RuntimeError("disk on fire")
+
+    backend.lookup = broken
+    backend.iterate = broken
+    backend.commit = broken
+    proto, transport = adapter(backend)
+    a = ALICE.encode()
+    proto.data_received(
+        HELLO + wire(b"L" + priv("k") + b"\t" + a, b"I9\t0\tpriv/\t" + a, b"B1\t" + a, b"C1")
+    )
+    assert transport.written == (
+        b"Finternal error: disk on fire\n"
+        b"Finternal error: disk on fire\n"
+        b"F1\tinternal error: disk on fire\n"
+    )
+    assert proto.conn.replies_owed == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "error handling Lookup",
+        "error handling Iterate",
+        "error handling Commit",
+    ]
+
+
+@pytest.mark.parametrize("wrong", [b"Ov\n", None, dp.COMMITTED, [(b"k", b"v")]])
+def test_backend_reply_of_the_wrong_kind_becomes_a_failure(tmp_path, caplog, wrong):
+    backend = make_backend(tmp_path)
+    backend.lookup = lambda ev: wrong
+    proto, transport = adapter(backend)
+    proto.data_received(HELLO + wire(b"L" + priv("k") + b"\t" + ALICE.encode()))
+    assert transport.written.startswith(b"Finternal error: a Lookup is answered with")
+    assert transport.written.count(b"\n") == 1
+    assert proto.conn.replies_owed == 0
+    assert "backend reply refused" in caplog.text
+
+
+def test_failed_awaitable_reply_ends_in_a_failure_in_order(tmp_path):
+    backend = make_backend(tmp_path)
+    real_lookup = backend.lookup
+
+    async def slow_failure():
+        await asyncio.sleep(0.01)
+        raise OSError("turn helper gone")
+
+    def lookup(ev):
+        return slow_failure() if ev.key == b"slow" else real_lookup(ev)
+
+    backend.lookup = lookup
+
+    async def main():
+        proto, transport = adapter(backend)
+        a = ALICE.encode()
+        proto.data_received(HELLO + wire(b"Lslow\t" + a, b"L" + priv("x") + b"\t" + a))
+        assert transport.written == b""  # the second waits for the first
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if transport.written.count(b"\n") == 2:
+                break
+        return proto, transport
+
+    proto, transport = asyncio.run(main())
+    assert transport.written == b"Finternal error: turn helper gone\nN\n"
+    assert proto.conn.replies_owed == 0
+
+
+def test_protocol_problems_are_logged_by_the_adapter(tmp_path, caplog):
+    proto, transport = adapter(make_backend(tmp_path))
+    proto.data_received(b"H9\t0\t0\t\tmetadata\nXjunk\nH9\t1\n")
+    assert transport.written == b""
+    assert "dict protocol error: 'X': unknown command" in caplog.text
+    assert caplog.text.count("serving it as Dovecot 2.4") == 1  # once per connection
+    assert proto.conn.version is dp.DOVECOT_2_4
+
+
+def test_dovecot_2_4_over_the_socket_and_connections_by_version(server):
+    c = Client(server.path)
+    a = ALICE.encode()
+    c.send(
+        b"H4\t0\t0\t\tmetadata\n"
+        + wire(
+            b"B1\t" + a + b"\t0",
+            b"S1\t" + priv("devicetoken") + b"\ttok24",
+            b"C1",
+            b"L" + priv("devicetoken") + b"\t" + a,
+            b"D2",  # not a 2.4 command: no reply
+            b"L" + priv("nothing") + b"\t" + a,
+        )
+    )
+    assert c.lines(3) == [b"O1", b"Otok24", b"N"]
+    c.assert_no_pending()
+    c.close()
+    c = Client(server.path)
+    c.send(HELLO + wire(b"L" + priv("devicetoken") + b"\t" + a))
+    assert c.lines(1) == [b"Otok24"]
+    c.close()
+    c = Client(server.path)  # no hello at all: not counted by version
+    c.send(wire(b"L" + priv("devicetoken") + b"\t" + a))
+    assert c.lines(1) == [b"Otok24"]
+    c.close()
+    assert server.stats.connections_by_version == {"2.3": 1, "2.4": 1}
+
+
+def test_connections_by_version_on_the_metrics_registry():
+    stats = ServerStats()
+    stats.count_version(dp.DOVECOT_2_4)
+    stats.count_version(dp.DOVECOT_2_4)
+    stats.count_version(dp.DOVECOT_2_3)
+    metrics = RelayMetrics()
+    metrics.track_dict_server(stats)
+    text = generate_latest(metrics.registry).decode()
+    assert 'chatmail_dict_connections_by_protocol_total{dovecot="2.3"} 1.0' in text
+    assert 'chatmail_dict_connections_by_protocol_total{dovecot="2.4"} 2.0' in text

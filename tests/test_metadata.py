@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from helpers_chatmaild import (
     Session,
     make_backend,
     priv,
+    reply_bytes,
     shared,
     wire,
 )
@@ -347,7 +349,7 @@ def test_messagenew_hook_failure_is_atomic(tmp_path, clock):
         "1", ALICE, (dp.SetOp(priv("a"), b"v"), dp.SetOp(priv("messagenew"), b"")), "metadata"
     )
     try:
-        reply = backend.commit(ev)
+        reply = reply_bytes(ev, backend.commit(ev))
     except Exception:
         reply = None  # the server adapter answers F for exceptions
     assert reply is None or reply.startswith(b"F1\t")
@@ -445,10 +447,11 @@ def turn_backend(tmp_path, sock_path):
 
 
 async def _lookup(backend, key):
-    reply = backend.lookup(dp.Lookup(key, ALICE))
-    if not isinstance(reply, bytes):
+    ev = dp.Lookup(key, ALICE)
+    reply = backend.lookup(ev)
+    if inspect.isawaitable(reply):
         reply = await reply
-    return reply
+    return reply_bytes(ev, reply)
 
 
 def test_turn_success(tmp_path):

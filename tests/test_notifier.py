@@ -45,7 +45,8 @@ class Relay:
 
     def commit(self, *ops: dp.Op, dict_name: str = "lmtp", user: str = USER) -> bytes:
         self.txid += 1
-        return self.backend.commit(dp.Commit(str(self.txid), user, ops, dict_name))
+        ev = dp.Commit(str(self.txid), user, ops, dict_name)
+        return dp.encode_reply(ev, self.backend.commit(ev))
 
     def add_token(self, token: str, user: str = USER) -> None:
         assert self.commit(

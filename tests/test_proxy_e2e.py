@@ -97,7 +97,8 @@ class EmbeddedRelay:
 
     def commit(self, *ops: dp.Op) -> bytes:
         self.txid += 1
-        return self.backend.commit(dp.Commit(str(self.txid), "alice@example.org", ops, "lmtp"))
+        ev = dp.Commit(str(self.txid), "alice@example.org", ops, "lmtp")
+        return dp.encode_reply(ev, self.backend.commit(ev))
 
     def close(self) -> None:
         self.notifier.stop()
