@@ -5,10 +5,14 @@
 limited (default 8 KiB, 413 past it: a token is at most a few hundred bytes,
 an encrypted one about 1 KiB) and must be UTF-8 (else 400).  Unknown paths are
 404 and wrong methods 405 (aiohttp's router).  Metrics live on a separate app so
-that they can be bound to a private address.
+that they can be bound to a private address.  :func:`start_listener` serves
+either app; its errors name the address, because "Name or service not known"
+alone does not say which option is wrong.
 """
 
 from __future__ import annotations
+
+import os
 
 from aiohttp import web
 
@@ -96,3 +100,29 @@ def make_metrics_app(metrics: ProxyMetrics) -> web.Application:
     app[METRICS_KEY] = metrics
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+class ListenError(OSError):
+    """A listener could not start; the message names the address and the reason."""
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def start_listener(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app`` on ``host:port``; the caller cleans the returned runner up.
+
+    Raises :class:`ListenError` (``cannot listen on HOST:PORT: <reason>``) for an
+    unknown host, a taken port or a port it may not bind.
+    """
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        # asyncio's bind errors repeat the address in their text; the errno's text does not.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        raise ListenError(f"cannot listen on {_address(host, port)}: {reason or exc}") from exc
+    return runner

@@ -1,8 +1,9 @@
 """``notifiers``: run the push proxy's HTTP API (and optionally its metrics listener).
 
-Startup logs which providers are enabled.  A broken key or certificate file is
-one line on stderr and exit status 1 (not a traceback), because that is what an
-operator sees in ``systemctl status``.  SIGTERM and SIGINT stop the listeners,
+Startup logs which providers are enabled.  A broken key or certificate file, or
+an address it cannot listen on, is one line on stderr naming the file or the
+address, and exit status 1 (not a traceback), because that is what an operator
+sees in ``systemctl status``.  SIGTERM and SIGINT stop the listeners,
 let requests in flight finish, close the provider connections and exit 0.
 """
 
@@ -19,9 +20,10 @@ from aiohttp import web
 from chatmail_common.logsetup import configure_logging
 from chatmail_common.systemd import notify
 
-from .app import make_app, make_metrics_app
+from .app import make_app, make_metrics_app, start_listener
+from .build import build_service
 from .providers.base import ProviderConfigError
-from .settings import ProxySettings, build_service, settings_from_args
+from .settings import ProxySettings, settings_from_args
 
 log = logging.getLogger("notifiers")
 
@@ -35,17 +37,12 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
     runners: list[web.AppRunner] = []
     try:
-        runner = web.AppRunner(make_app(service, body_limit=settings.body_limit))
-        runners.append(runner)
-        await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        app = make_app(service, body_limit=settings.body_limit)
+        runners.append(await start_listener(app, settings.host, settings.port))
         log.info("listening on http://%s:%d", settings.host, settings.port)
         address = settings.metrics_address
         if address is not None:
-            metrics_runner = web.AppRunner(make_metrics_app(service.metrics))
-            runners.append(metrics_runner)
-            await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, *address).start()
+            runners.append(await start_listener(make_metrics_app(service.metrics), *address))
             log.info("metrics on http://%s:%d/metrics", *address)
         notify("READY=1")  # Type=notify: the listeners are up
         await stop.wait()
@@ -64,10 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level.upper())
     try:
         asyncio.run(serve(settings))
-    except ProviderConfigError as exc:
-        print(f"notifiers: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. the port is taken
+    except (ProviderConfigError, OSError) as exc:  # a broken key file, a taken port
         print(f"notifiers: error: {exc}", file=sys.stderr)
         return 1
     return 0

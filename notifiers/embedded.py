@@ -24,9 +24,10 @@ from aiohttp import web
 
 from chatmail_common.outcome import Outcome
 
-from .app import make_metrics_app
+from .app import make_metrics_app, start_listener
+from .build import build_service
 from .service import NotifyResult, NotifyService
-from .settings import ProxySettings, build_service, settings_from_mapping
+from .settings import ProxySettings, settings_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ TIMED_OUT = NotifyResult(Outcome.RETRY, "embedded proxy timed out")
 
 def start_embedded(options: Mapping[str, str]) -> EmbeddedProxy:
     """Parse ``[notifiers]`` ini options and start a proxy; ValueError or
-    ProviderConfigError (one line) when they are wrong, OSError for a taken port."""
+    ProviderConfigError (one line) when they are wrong, OSError naming the
+    address when the metrics listener cannot start."""
     proxy = EmbeddedProxy(settings_from_mapping(options))
     proxy.start()
     return proxy
@@ -108,9 +110,9 @@ class EmbeddedProxy:
             await service.start()
             address = self.settings.metrics_address
             if address is not None:
-                self._metrics_runner = web.AppRunner(make_metrics_app(service.metrics))
-                await self._metrics_runner.setup()
-                await web.TCPSite(self._metrics_runner, *address).start()
+                self._metrics_runner = await start_listener(
+                    make_metrics_app(service.metrics), *address
+                )
                 log.info("embedded proxy metrics on http://%s:%d/metrics", *address)
             self._loop = loop
             ready.set_result(None)

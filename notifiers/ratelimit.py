@@ -10,6 +10,12 @@ relay retries later.  Tokens are never failed as dead because of throttling.
 Three limits, applied in this order: back-off, requests per second (a token
 bucket holding one second's worth of burst), concurrency (a semaphore).  Clock
 and sleep are injectable so tests run without real time.
+
+Each push service has one limiter, configured by its ``<label>_concurrency``,
+``<label>_rps`` and ``<label>_max_wait`` options (:func:`limit_options`), and
+one limiter serves every token kind of the service: APNs production and
+sandbox share theirs, so the ``apns_*`` limits are the proxy's total towards
+Apple and a 429 from either environment holds back both.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
+from .options import Option, integer, number
 from .providers.base import Delivery, Outcome, Provider
 from .tokens import PushToken
 
@@ -26,6 +35,53 @@ log = logging.getLogger(__name__)
 
 #: A server-supplied ``Retry-After`` is capped at this many seconds.
 MAX_BACKOFF = 3600.0
+
+
+@dataclass(slots=True)
+class LimitSettings:
+    """One push service's limits; ``rps`` 0 = unlimited."""
+
+    concurrency: int = 50
+    rps: float = 0.0
+    max_wait: float = 10.0
+
+    @classmethod
+    def of(cls, settings: Any, label: str) -> LimitSettings:
+        """The limits ``settings`` holds for the service ``label`` (see :func:`limit_options`)."""
+        prefix = label.lower()
+        return cls(
+            getattr(settings, f"{prefix}_concurrency"),
+            getattr(settings, f"{prefix}_rps"),
+            getattr(settings, f"{prefix}_max_wait"),
+        )
+
+
+def limit_options(label: str) -> tuple[Option, ...]:
+    """The options of one service's limits: ``--apns-concurrency`` / ``apns_concurrency`` etc."""
+    prefix, default = label.lower(), LimitSettings()
+    return (
+        Option(
+            f"{prefix}_concurrency",
+            integer(1),
+            default.concurrency,
+            f"parallel {label} requests",
+            metavar="N",
+        ),
+        Option(
+            f"{prefix}_rps",
+            number(0),
+            default.rps,
+            f"{label} requests per second, 0 for unlimited",
+            metavar="R",
+        ),
+        Option(
+            f"{prefix}_max_wait",
+            number(0),
+            default.max_wait,
+            f"longest wait for {label} back-off/rate limit before answering 500",
+            metavar="S",
+        ),
+    )
 
 
 class RateLimitedProvider(Provider):
@@ -63,6 +119,13 @@ class RateLimitedProvider(Provider):
         self._tokens = self._burst
         self._refilled = clock()
         self.backoff_until = -float("inf")
+
+    @classmethod
+    def limiting(cls, inner: Provider, limits: LimitSettings) -> RateLimitedProvider:
+        """``inner`` behind the configured ``limits``."""
+        return cls(
+            inner, concurrency=limits.concurrency, rps=limits.rps or None, max_wait=limits.max_wait
+        )
 
     @property
     def in_flight(self) -> int:

@@ -11,8 +11,10 @@ in :mod:`notifiers.app`; the embedded proxy hands the result over as it is.
 
 Order of steps for ``/notify``: decrypt ``openpgp:`` → parse the grammar →
 debounce on the plaintext → dispatch to the provider for the token's kind.
-Parsing comes before debouncing (upstream debounces first) so a malformed token
-is always answered 400 and never occupies the debouncer.  Debounced trailing
+Parsing, which also checks the characters each kind allows, comes before
+debouncing (upstream debounces first) so a malformed token of any kind is
+always answered 400, before any provider could call it dead, and never
+occupies the debouncer.  Debounced trailing
 sends are made by a background task through the same dispatch path.
 """
 
@@ -29,29 +31,12 @@ from dataclasses import dataclass
 from .debounce import Debouncer
 from .metrics import ProxyMetrics
 from .providers.base import Delivery, Outcome, Provider
+from .providers.registry import LABEL, NOT_CONFIGURED
 from .tokens import Kind, PushToken, TokenError, parse_token, token_digest
 
 log = logging.getLogger(__name__)
 
 OPENPGP_PREFIX = "openpgp:"
-
-#: Metric label of each token kind (both APNs environments count as APNS).
-PROVIDER_LABEL: dict[Kind, str] = {
-    Kind.APNS: "APNS",
-    Kind.APNS_SANDBOX: "APNS",
-    Kind.FCM: "FCM",
-    Kind.UBPORTS: "UBports",
-    Kind.WEBPUSH: "WebPush",
-}
-
-#: Upstream's symbolic failure reason when no client is configured for a kind.
-MISSING_REASON: dict[Kind, str] = {
-    Kind.APNS: "no_certificate",
-    Kind.APNS_SANDBOX: "no_certificate",
-    Kind.FCM: "no_api_key",
-    Kind.UBPORTS: "not_configured",
-    Kind.WEBPUSH: "no_vapid_key",
-}
 
 #: How often a failed trailing (debounced) send is tried again by the proxy itself.
 TRAILING_RETRIES = 3
@@ -96,8 +81,9 @@ class NotifyService:
 
     ``providers`` maps each token kind to the provider that serves it (usually
     a :class:`~notifiers.ratelimit.RateLimitedProvider`); kinds not in the map
-    are answered 500 with upstream's ``no_certificate``/``no_api_key``/
-    ``no_vapid_key`` failure reason.  All methods must run on one event loop.
+    are answered 500 with the failure reason their push service declares
+    (upstream's ``no_certificate``, ``no_api_key``, ``not_configured``,
+    ``no_vapid_key``).  All methods must run on one event loop.
     """
 
     def __init__(
@@ -204,10 +190,10 @@ class NotifyService:
 
     async def dispatch(self, token: PushToken) -> NotifyResult:
         """Send ``token`` through its provider; count, time and log the outcome."""
-        label = PROVIDER_LABEL[token.kind]
+        label = LABEL[token.kind]
         provider = self.providers.get(token.kind)
         if provider is None:
-            reason = MISSING_REASON[token.kind]
+            reason = NOT_CONFIGURED[token.kind]
             self.metrics.failed(label, reason)
             log.warning("no %s provider configured for token %s", token.kind.value, token.digest)
             return _retry(f"no provider configured for {token.kind.value} tokens")

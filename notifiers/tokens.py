@@ -3,12 +3,24 @@
 Prefixes are checked in upstream's order: ``fcm-<package>:<token>``, ``ubports-``,
 ``webpush:<endpoint>|<p256dh>|<auth>``, ``sandbox:<hex>``, anything else is an
 APNs production device token.  (``openpgp:`` tokens are decrypted before this.)
+
+The grammar also fixes the characters each kind allows, so that a malformed
+token is refused here, once for every kind: ``/notify`` answers it 400 before
+any provider sees it.  A malformed token is a client or relay bug, never a dead
+device, so no provider may answer it 410 (which makes the relay delete it).
+
+* APNs (both environments): hex digits, the form of Apple's device token;
+* FCM and UBports: ASCII letters, digits, ``_``, ``:`` and ``-`` (upstream's
+  check; it also keeps the token from breaking the JSON it is spliced into).
+  The FCM package name is not checked: it is parsed but not used;
+* Web Push: an endpoint of visible ASCII (no spaces or control characters)
+  and base64url keys (padding tolerated).
 """
 
 from __future__ import annotations
 
 import enum
-import string
+import re
 from dataclasses import dataclass
 
 from chatmail_common.digest import token_digest
@@ -55,28 +67,50 @@ def parse_token(raw: str) -> PushToken:
         package, sep, device = raw[4:].partition(":")
         if not sep or not device:
             raise TokenError("invalid FCM token: expected fcm-<package>:<token>")
-        return PushToken(Kind.FCM, raw, device, package=package)
-    if raw.startswith("ubports-"):
-        device = raw[8:]
-        if not device:
-            raise TokenError("invalid UBports token: empty")
-        return PushToken(Kind.UBPORTS, raw, device)
-    if raw.startswith("webpush:"):
+        token = PushToken(Kind.FCM, raw, device, package=package)
+    elif raw.startswith("ubports-"):
+        token = PushToken(Kind.UBPORTS, raw, raw[8:])
+    elif raw.startswith("webpush:"):
         parts = raw[8:].split("|", 2)
-        if len(parts) < 3 or not all(parts):
+        if len(parts) < 3:
             raise TokenError("invalid web push token: expected webpush:<endpoint>|<p256dh>|<auth>")
-        return PushToken(Kind.WEBPUSH, raw, parts[0], p256dh=parts[1], auth=parts[2])
-    if raw.startswith("sandbox:"):
-        return PushToken(Kind.APNS_SANDBOX, raw, _apns_device(raw[8:]))
-    return PushToken(Kind.APNS, raw, _apns_device(raw))
+        token = PushToken(Kind.WEBPUSH, raw, parts[0], p256dh=parts[1], auth=parts[2])
+    elif raw.startswith("sandbox:"):
+        token = PushToken(Kind.APNS_SANDBOX, raw, raw[8:])
+    else:
+        token = PushToken(Kind.APNS, raw, raw)
+    problem = _problem(token)
+    if problem:
+        raise TokenError(problem)
+    return token
 
 
-def _apns_device(device: str) -> str:
-    """APNs device tokens are hex.  Anything else (an unknown prefix, a stray newline)
-    is a client or relay bug: a 400, never a 410 that would delete the token."""
-    if not device or not all(c in _HEXDIGITS for c in device):
-        raise TokenError("invalid APNs token: expected hex digits (or an unknown prefix)")
-    return device
+def well_formed(token: PushToken) -> bool:
+    """Whether ``token`` keeps its kind's character rules (:func:`parse_token` made sure;
+    providers call this as a guard for tokens built by hand)."""
+    return _problem(token) is None
 
 
-_HEXDIGITS = frozenset(string.hexdigits)
+_APNS_DEVICE = re.compile(r"[0-9A-Fa-f]+")
+_SAFE_DEVICE = re.compile(r"[A-Za-z0-9_:\-]+")
+_VISIBLE_ASCII = re.compile(r"[!-~]+")
+_BASE64URL = re.compile(r"[A-Za-z0-9_\-]+={0,2}")
+
+
+def _problem(token: PushToken) -> str | None:
+    """What is wrong with ``token`` under its kind's character rules, or None."""
+    kind, device = token.kind, token.device
+    if kind in (Kind.APNS, Kind.APNS_SANDBOX):
+        # Anything else (an unknown prefix, a stray newline) is a client or relay bug.
+        if not _APNS_DEVICE.fullmatch(device):
+            return "invalid APNs token: expected hex digits (or an unknown prefix)"
+    elif kind in (Kind.FCM, Kind.UBPORTS):
+        if not _SAFE_DEVICE.fullmatch(device):
+            return f"invalid {kind.value} token: expected ASCII letters, digits, '_', ':' or '-'"
+    elif kind is Kind.WEBPUSH and not (
+        _VISIBLE_ASCII.fullmatch(device)
+        and _BASE64URL.fullmatch(token.p256dh)
+        and _BASE64URL.fullmatch(token.auth)
+    ):
+        return "invalid web push token: expected a URL and base64url keys"
+    return None

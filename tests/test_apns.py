@@ -384,3 +384,38 @@ async def test_verify_as_ssl_context(fake_apns_cert, apns_cert, tls_ca: trustme.
     finally:
         await provider.aclose()
     assert json.loads(fake_apns_cert.requests[0].body)["aps"]["mutable-content"] == 1
+
+
+async def test_production_and_sandbox_share_one_limiter(fake_apns_jwt, apns_key, ca_path):
+    """The single ``apns_*`` limits cover both APNs environments: a 429 from one backs off
+    the other, and ``apns_concurrency`` is not doubled by a second limiter."""
+    from notifiers.build import build_service
+    from notifiers.settings import settings_from_mapping
+
+    settings = settings_from_mapping(
+        {
+            "apns_key_file": str(apns_key.path),
+            "apns_key_id": apns_key.key_id,
+            "apns_team_id": apns_key.team_id,
+            "apns_url": fake_apns_jwt.url,
+            "apns_sandbox_url": fake_apns_jwt.url,
+            "ca_file": ca_path,
+            "apns_concurrency": "3",
+            "apns_max_wait": "0",
+            "ubports": "false",
+        },
+        env={},
+    )
+    service = build_service(settings)
+    try:
+        production, sandbox = service.providers[Kind.APNS], service.providers[Kind.APNS_SANDBOX]
+        fake_apns_jwt.script(apns_error(429, "TooManyRequests", "60"))
+        delivery = await production.send(TOKEN)
+        assert (delivery.outcome, delivery.reason) == (Outcome.RETRY, "429")
+        delivery = await sandbox.send(parse_token("sandbox:" + DEVICE))
+        assert (delivery.outcome, delivery.reason) == (Outcome.RETRY, "backoff")
+        assert len(fake_apns_jwt.requests) == 1  # the sandbox send was held back too
+        # and one concurrency cap of 3 for both, not 3 each
+        assert production is sandbox and production.concurrency == 3
+    finally:
+        await service.aclose()

@@ -14,7 +14,7 @@ from fakes.keys import write_service_account
 
 from notifiers.providers.base import Outcome, ProviderConfigError
 from notifiers.providers.fcm import REFRESH_MARGIN, FcmProvider
-from notifiers.tokens import parse_token
+from notifiers.tokens import Kind, PushToken, TokenError, parse_token
 
 pytestmark = pytest.mark.asyncio
 
@@ -270,13 +270,16 @@ async def test_status_mapping(
 
 
 @pytest.mark.parametrize("device", ["abc def", 'abc"}', "tok/en", "t\u00f6ken", "a.b"])
-async def test_bad_charset_is_gone_without_request(device, fake_fcm, fcm_key_path, ca_path):
+async def test_bad_charset_is_not_sent_and_not_gone(device, fake_fcm, fcm_key_path, ca_path):
+    raw = f"fcm-chat.delta:{device}"
+    with pytest.raises(TokenError):
+        parse_token(raw)  # the service answers these 400 before any provider
     provider = provider_for(fake_fcm, fcm_key_path, ca_path)
     try:
-        delivery = await provider.send(parse_token(f"fcm-chat.delta:{device}"))
+        delivery = await provider.send(PushToken(Kind.FCM, raw, device, package="chat.delta"))
     finally:
         await provider.aclose()
-    assert delivery.outcome is Outcome.GONE
+    assert (delivery.outcome, delivery.reason) == (Outcome.RETRY, "invalid_token")
     assert fake_fcm.requests == []
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from notifiers.build import build_service
+from notifiers.providers.apns import PASSWORD_ENV
 from notifiers.providers.base import ProviderConfigError
 from notifiers.settings import (
-    PASSWORD_ENV,
+    OPTIONS,
     ProxySettings,
-    build_service,
+    build_parser,
     settings_from_args,
     settings_from_mapping,
 )
@@ -56,8 +58,6 @@ def test_help_lists_upstream_and_own_options():
         "--fcm-key-path",
         "--interval",
         "--db",
-        "--openpgp-keyring-path",
-        "--vapid-key-path",
         "--apns-key-file",
         "--apns-key-id",
         "--apns-team-id",
@@ -74,6 +74,9 @@ def test_help_lists_upstream_and_own_options():
         assert option in proc.stdout
     assert "heartbeats are not implemented" in " ".join(proc.stdout.split())
     assert PASSWORD_ENV in proc.stdout
+    # Only options that work: Web Push and openpgp: decryption are not implemented yet.
+    assert "--vapid-key-path" not in proc.stdout
+    assert "--openpgp-keyring-path" not in proc.stdout
 
 
 def test_password_on_argv_is_refused():
@@ -97,6 +100,44 @@ def test_missing_fcm_key_is_a_one_line_error(tmp_path):
     assert proc.returncode == 1
     assert "notifiers: error:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("notifiers: error:")]
+    return line
+
+
+def test_unresolvable_host_names_the_address():
+    port = free_port()
+    line = _one_error_line(run_cli("--log-provider", "--host", "256.1.1.1", "--port", str(port)))
+    assert line.startswith(f"notifiers: error: cannot listen on 256.1.1.1:{port}: ")
+
+
+def test_taken_ports_name_the_address():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _one_error_line(run_cli("--log-provider", "--port", str(port)))
+        assert line.startswith(f"notifiers: error: cannot listen on 127.0.0.1:{port}: ")
+        assert line.endswith("Address already in use")
+        metrics = f"127.0.0.1:{port}"
+        proc = run_cli("--log-provider", "--port", str(free_port()), "--metrics", metrics)
+        line = _one_error_line(proc)
+        assert line.startswith(f"notifiers: error: cannot listen on {metrics}: ")
+
+
+def test_embedded_metrics_port_taken_names_the_address():
+    from notifiers.embedded import start_embedded
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(OSError, match=f"^cannot listen on {address}: "):
+            start_embedded({"log_provider": "true", "metrics": address})
 
 
 def _wait_for(url: str, deadline: float) -> None:
@@ -199,6 +240,28 @@ def test_settings_from_mapping_ini_keys(tmp_path):
     assert s.debounce_seconds == 2.5 and s.debounce_max_entries == 1000
     assert s.limits["APNS"].concurrency == 7
     assert s.limits["FCM"].rps == 20 and s.limits["FCM"].max_wait == 3
+
+
+def test_every_option_is_both_a_flag_and_an_ini_key():
+    """One declaration drives both: each option is in --help and accepted in [notifiers]."""
+    usage = build_parser().format_help()
+    keys = {}
+    for option in OPTIONS:
+        if option.secret:
+            assert f"{option.flag}-file" in usage
+            keys[option.file_key] = ""
+        else:
+            negated = option.is_switch and option.default
+            assert (f"--no-{option.flag[2:]}" if negated else option.flag) in usage
+            keys[option.name] = ""
+    assert "--apns-concurrency" in usage and "--ubports-max-wait" in usage
+    assert repr(settings_from_mapping(keys, env={})) == repr(ProxySettings())  # "" = default
+
+
+@pytest.mark.parametrize("key", ["vapid_key_path", "openpgp_keyring_path", "fcm_key_pth"])
+def test_unknown_ini_keys_are_an_error_naming_the_key(key):
+    with pytest.raises(ValueError, match=f"unknown notifiers option '{key}'"):
+        settings_from_mapping({key: "/x"}, env={})
 
 
 @pytest.mark.parametrize(

@@ -211,6 +211,32 @@ def test_bad_bodies(service, fcm):
     run_app(service, test)
 
 
+@pytest.mark.parametrize(
+    "kind, body",
+    [
+        (Kind.FCM, "fcm-chat.delta:abc def"),
+        (Kind.FCM, 'fcm-chat.delta:tok"}'),
+        (Kind.UBPORTS, 'ubports-x","appid":"evil'),
+        (Kind.UBPORTS, "ubports-t\u00f6k"),
+        (Kind.APNS, "0155b93b7eb8/../x"),
+        (Kind.WEBPUSH, "webpush:https://push.example/a b|BNcKey|k3hAuth"),
+        (Kind.WEBPUSH, "webpush:https://push.example/abc|BNc Key|k3hAuth"),
+    ],
+)
+def test_malformed_tokens_are_400_before_any_provider(kind, body):
+    """One rule for every kind: characters outside a kind's grammar are a client or relay
+    bug, answered 400 at /notify; no provider sees the token, so none can answer 410."""
+    providers = {k: Recording(k.value) for k in Kind}
+    service = NotifyService(providers)
+
+    async def test(client):
+        resp = await client.post("/notify", data=body)
+        assert resp.status == 400 and "malformed token" in await resp.text()
+        assert all(p.sent == [] for p in providers.values())
+
+    run_app(service, test)
+
+
 def test_debounced_counting_and_trailing_send(service, fcm):
     async def test(client):
         m = service.metrics
@@ -302,6 +328,12 @@ def test_metrics_listener_exposes_every_upstream_metric(service):
         assert "# TYPE notification_latency_seconds histogram" in text
 
     asyncio.run(main())
+
+
+def test_metrics_keep_upstream_registration_order():
+    text = ProxyMetrics().render().decode()
+    types = re.findall(r"^# TYPE (\S+) ", text, re.M)
+    assert types[: len(UPSTREAM_METRICS)] == list(UPSTREAM_METRICS)
 
 
 def test_tokens_never_appear_in_logs(service, fcm, caplog):

@@ -11,7 +11,7 @@ from fakes.h2server import Reply
 
 from notifiers.providers.base import Outcome
 from notifiers.providers.ubports import UbportsProvider
-from notifiers.tokens import parse_token
+from notifiers.tokens import Kind, PushToken, TokenError, parse_token
 
 pytestmark = pytest.mark.asyncio
 
@@ -108,13 +108,16 @@ async def test_status_mapping(reply, outcome, reason, details, retry_after, fake
 
 
 @pytest.mark.parametrize("device", ['x","appid":"evil', "a b", "t\u00f6k"])
-async def test_bad_charset_is_gone_without_request(device, fake_ubports, ca_path):
+async def test_bad_charset_is_not_sent_and_not_gone(device, fake_ubports, ca_path):
+    raw = f"ubports-{device}"
+    with pytest.raises(TokenError):
+        parse_token(raw)  # the service answers these 400 before any provider
     provider = provider_for(fake_ubports, ca_path)
     try:
-        delivery = await provider.send(parse_token(f"ubports-{device}"))
+        delivery = await provider.send(PushToken(Kind.UBPORTS, raw, device))
     finally:
         await provider.aclose()
-    assert delivery.outcome is Outcome.GONE
+    assert (delivery.outcome, delivery.reason) == (Outcome.RETRY, "invalid_token")
     assert fake_ubports.requests == []
 
 

@@ -1,11 +1,16 @@
 """Apple Push Notification service client (HTTP/2, certificate or token auth).
 
 One :class:`ApnsProvider` talks to one APNs host over one multiplexed HTTP/2
-connection; the service keeps a second instance with ``sandbox=True`` for
-``sandbox:`` tokens.  The connection is :class:`notifiers.h2client.H2Client`
-(``h2`` on asyncio) rather than httpx: with httpx's HTTP/2 client the proxy was
-CPU-bound at about 1,100 notifications/s, most of it in httpcore's per-stream
-locking and per-frame TLS writes.  Two ways to authenticate, as Apple offers:
+connection.  The proxy builds two, production and ``sandbox=True`` (for
+``sandbox:`` tokens), and serves both through one :class:`ApnsEnvironments`,
+so that one rate limiter covers both: the single set of ``apns_*`` limits is
+what the proxy sends to Apple in total (two limiters would double the
+configured concurrency and rate), and a 429 from either host backs off both.
+
+The connection is :class:`notifiers.h2client.H2Client` (``h2`` on asyncio)
+rather than httpx: with httpx's HTTP/2 client the proxy was CPU-bound at about
+1,100 notifications/s, most of it in httpcore's per-stream locking and
+per-frame TLS writes.  Two ways to authenticate, as Apple offers:
 
 * ``.p12`` client certificate (what upstream uses): loaded with ``cryptography``
   (legacy RC2-40/3DES bags included) and put into the TLS context;
@@ -13,10 +18,12 @@ locking and per-frame TLS writes.  Two ways to authenticate, as Apple offers:
   ``authorization: bearer``, reused and renewed after 50 minutes (Apple rejects
   tokens older than an hour and refreshing more than every 20 minutes).
 
-Non-hex device tokens are answered GONE without a request: Apple's device token
-is the hex form of an opaque binary token, so APNs would reject anything else
-as ``BadDeviceToken`` (a permanent error), and refusing it here also keeps the
-token from being spliced into the request path.
+Non-hex device tokens never reach this module: the token grammar refuses them
+(``/notify`` answers 400), and :meth:`ApnsProvider.send` repeats the check
+(RETRY, never GONE) so that no such token is spliced into the request path.
+
+The end of the module registers APNs with the proxy (:data:`PROVIDER`): its
+options, and the factory that builds both environments from them.
 """
 
 from __future__ import annotations
@@ -24,13 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import ssl
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import jwt
@@ -40,9 +47,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ..h2client import H2Client, H2Error, H2Response
-from ..tokens import PushToken
+from ..options import Option, path, secret_file, text
+from ..tokens import Kind, PushToken
 from .base import Delivery, Outcome, Provider, ProviderConfigError
-from .common import Verify, label, make_ssl_context, parse_retry_after, transport_failure
+from .common import (
+    Verify,
+    label,
+    make_ssl_context,
+    refuse_malformed,
+    retry_later,
+    transport_failure,
+)
+from .spec import Built, ProviderSpec
+
+if TYPE_CHECKING:
+    from ..settings import ProxySettings
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +97,8 @@ JWT_RENEW_AFTER = 50 * 60
 #: token, so the provider-wide pause stays short.
 DEFAULT_RETRY_AFTER = 1.0
 
-_HEX = re.compile(r"[0-9A-Fa-f]+")
+#: Where the ``.p12`` password comes from when no ``--password-file`` is given.
+PASSWORD_ENV = "NOTIFIERS_CERT_PASSWORD"
 
 
 class _JwtSigner:
@@ -206,14 +226,13 @@ class ApnsProvider(Provider):
         return headers
 
     async def send(self, token: PushToken) -> Delivery:
-        if not _HEX.fullmatch(token.device):
-            # parse_token() already refuses these (400); never a 410 for a malformed token.
-            log.warning("APNs token %s is not hex; not sent", token.digest)
-            return Delivery(Outcome.RETRY, "invalid_token", "not hex")
-        path = f"{self._path_prefix}/3/device/{token.device}"
+        refused = refuse_malformed(token, self.name)
+        if refused is not None:
+            return refused
+        request_path = f"{self._path_prefix}/3/device/{token.device}"
         try:
             response = await self._client.request(
-                "POST", path, self._headers(), PAYLOAD, timeout=self.timeout
+                "POST", request_path, self._headers(), PAYLOAD, timeout=self.timeout
             )
         except (H2Error, OSError, TimeoutError) as exc:
             log.warning("APNs send for %s failed: %s", token.digest, type(exc).__name__)
@@ -225,6 +244,25 @@ class ApnsProvider(Provider):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class ApnsEnvironments(Provider):
+    """Production and sandbox as one provider, so that one limiter covers both
+    (see the module docstring); ``sandbox:`` tokens go to the sandbox host."""
+
+    name = "APNS"
+
+    def __init__(self, production: ApnsProvider, sandbox: ApnsProvider) -> None:
+        self.production = production
+        self.sandbox = sandbox
+
+    async def send(self, token: PushToken) -> Delivery:
+        host = self.sandbox if token.kind is Kind.APNS_SANDBOX else self.production
+        return await host.send(token)
+
+    async def aclose(self) -> None:
+        await self.production.aclose()
+        await self.sandbox.aclose()
 
 
 def _map_response(response: H2Response) -> Delivery:
@@ -241,11 +279,7 @@ def _map_response(response: H2Response) -> Delivery:
         pass
     if status == 410 or reason in GONE_REASONS:
         return Delivery(Outcome.GONE, str(status), reason or "Unregistered")
-    retry_after = None
-    header = response.header("retry-after")
-    if status == 429 or header is not None:
-        retry_after = parse_retry_after(header, DEFAULT_RETRY_AFTER)
-    return Delivery(Outcome.RETRY, str(status), reason, retry_after)
+    return retry_later(status, reason, response.header("retry-after"), DEFAULT_RETRY_AFTER)
 
 
 def _load_p12(
@@ -299,3 +333,74 @@ def _load_client_cert(
             ctx.load_cert_chain(path, password=one_time)
         except ssl.SSLError as exc:
             raise ProviderConfigError(f"APNs certificate unusable for TLS: {exc}") from exc
+
+
+# -- registration ------------------------------------------------------------------
+
+OPTIONS = (
+    Option("certificate_file", path, help="APNs client certificate (.p12)", metavar="PATH"),
+    Option(
+        "password",
+        secret_file,
+        help="the APNs certificate password",
+        secret=True,
+        env=PASSWORD_ENV,
+        dest="certificate_password",
+    ),
+    Option("topic", text, help="apns-topic header (the iOS bundle id)", metavar="BUNDLE_ID"),
+    Option(
+        "apns_key_file",
+        path,
+        help="APNs token-auth signing key (.p8), instead of a .p12",
+        metavar="PATH",
+    ),
+    Option("apns_key_id", text, help="key id of --apns-key-file", metavar="ID"),
+    Option("apns_team_id", text, help="Apple team id for --apns-key-file", metavar="TEAM"),
+    Option("apns_url", text, help="APNs production base URL (tests)", metavar="URL"),
+    Option("apns_sandbox_url", text, help="APNs sandbox base URL (tests)", metavar="URL"),
+)
+
+
+def build(settings: ProxySettings) -> Built | None:
+    """Both environments from a ``.p12`` or a ``.p8``; None when neither is given."""
+    certificate, key = settings.certificate_file, settings.apns_key_file
+    if certificate and key:
+        raise ProviderConfigError(
+            "APNs: give either --certificate-file or --apns-key-file, not both"
+        )
+    if not certificate and not key:
+        return None
+    if key and not (settings.apns_key_id and settings.apns_team_id):
+        raise ProviderConfigError("APNs: --apns-key-file needs --apns-key-id and --apns-team-id")
+
+    def environment(sandbox: bool, base_url: str | None) -> ApnsProvider:
+        shared = {
+            "topic": settings.topic,
+            "sandbox": sandbox,
+            "base_url": base_url,
+            "verify": settings.tls_verify,
+        }
+        if certificate:
+            return ApnsProvider.from_p12(certificate, settings.certificate_password, **shared)
+        return ApnsProvider.from_p8(
+            key, key_id=settings.apns_key_id, team_id=settings.apns_team_id, **shared
+        )
+
+    both = ApnsEnvironments(
+        environment(False, settings.apns_url), environment(True, settings.apns_sandbox_url)
+    )
+    how = f"certificate {certificate}" if certificate else f"key {key}"
+    return Built(both, f"production and sandbox, {how}")
+
+
+PROVIDER = ProviderSpec(
+    name="APNS",
+    description="Apple Push Notification service, with a .p12 certificate or a .p8 key",
+    kinds=(Kind.APNS, Kind.APNS_SANDBOX),
+    options=OPTIONS,
+    build=build,
+    disabled="no --certificate-file or --apns-key-file",
+    label="APNS",
+    success=("direct_notifications", "Number of direct APNS notifications"),
+    not_configured="no_certificate",
+)

@@ -23,10 +23,11 @@ class Delivery:
     """Result of one send.
 
     ``reason`` is the ``notification_failures_total`` label: the HTTP status as a
-    decimal string, or a symbolic cause (``send``, ``no_certificate``, ``no_api_key``,
-    ``api_key_fetch``, ``no_vapid_key``).  ``details`` is the provider's short error
-    code (e.g. APNs ``Unregistered``).  ``retry_after`` (seconds) is set on 429 so the
-    rate limiter can back the whole provider off.
+    decimal string, or a symbolic cause (``send``, ``no_certificate``,
+    ``no_api_key``, ``api_key_fetch``, ``no_vapid_key``, ``invalid_token``).
+    ``details`` is the provider's short error code (e.g. APNs ``Unregistered``).
+    ``retry_after`` (seconds) is set on 429 so the rate limiter can back the
+    whole provider off.
     """
 
     outcome: Outcome

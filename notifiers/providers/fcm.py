@@ -9,7 +9,11 @@ Only permanent token errors are GONE (``UNREGISTERED``, and ``INVALID_ARGUMENT``
 about the registration token); auth, quota, 429 and 5xx are RETRY, because
 upstream deleting tokens on any 4xx lost live devices (reference §17.1).
 ``SENDER_ID_MISMATCH`` (403) stays RETRY too: it usually means our own
-project configuration is wrong, not that the device is gone.
+project configuration is wrong, not that the device is gone.  A token outside
+the grammar never gets here (``/notify`` answers 400); :meth:`FcmProvider.send`
+repeats the check as a guard, RETRY and never GONE.
+
+The end of the module registers FCM with the proxy (:data:`PROVIDER`).
 """
 
 from __future__ import annotations
@@ -21,24 +25,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ..tokens import PushToken
+from ..options import Option, path, text
+from ..tokens import Kind, PushToken
 from .base import Delivery, Outcome, Provider, ProviderConfigError
 from .common import (
     Verify,
-    is_safe_token,
+    http2_client,
     label,
-    make_ssl_context,
-    parse_retry_after,
     post,
-    transport_failure,
+    post_push,
+    refuse_malformed,
+    retry_later,
 )
+from .spec import Built, ProviderSpec
+
+if TYPE_CHECKING:
+    from ..settings import ProxySettings
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +125,7 @@ class FcmProvider(Provider):
         self._access_token = ""
         self._expires_at = 0.0
         self._refresh_lock = asyncio.Lock()
-        self._client = httpx.AsyncClient(
-            http2=True,
-            verify=make_ssl_context(verify),
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=10, max_keepalive_connections=4),
-        )
+        self._client = http2_client(verify, timeout)
 
     @classmethod
     def from_service_account(
@@ -214,9 +218,9 @@ class FcmProvider(Provider):
     # -- sending -------------------------------------------------------------
 
     async def send(self, token: PushToken) -> Delivery:
-        if not is_safe_token(token.device):
-            log.info("FCM token %s has invalid characters; answering gone", token.digest)
-            return Delivery(Outcome.GONE, "invalid_token")
+        refused = refuse_malformed(token, self.name)
+        if refused is not None:
+            return refused
         try:
             access_token = await self._token()
         except _TokenFetchError as exc:
@@ -233,20 +237,18 @@ class FcmProvider(Provider):
             separators=(",", ":"),
         ).encode()
         headers = {"authorization": f"Bearer {access_token}", "content-type": "application/json"}
-        try:
-            response = await post(
-                self._client, self.send_url, timeout=self.timeout, headers=headers, content=body
-            )
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            log.warning("FCM send for %s failed: %s", token.digest, type(exc).__name__)
-            return transport_failure(exc)
-        if response.status_code == 401:
+        delivery = await post_push(
+            self._client,
+            self.send_url,
+            token,
+            provider=self.name,
+            timeout=self.timeout,
+            map_response=_map_response,
+            headers=headers,
+            content=body,
+        )
+        if delivery.reason == "401":
             self._forget_token(access_token)
-        delivery = _map_response(response)
-        if delivery.outcome is not Outcome.SENT:
-            log.info(
-                "FCM answered %s %s for %s", response.status_code, delivery.details, token.digest
-            )
         return delivery
 
     async def aclose(self) -> None:
@@ -289,7 +291,52 @@ def _map_response(response: httpx.Response) -> Delivery:
         return Delivery(Outcome.GONE, str(status), details)
     if status == 400 and code == "INVALID_ARGUMENT" and about_token:
         return Delivery(Outcome.GONE, str(status), details)
-    retry_after = None
-    if status == 429 or "retry-after" in response.headers:
-        retry_after = parse_retry_after(response.headers.get("retry-after"), DEFAULT_RETRY_AFTER)
-    return Delivery(Outcome.RETRY, str(status), details, retry_after)
+    return retry_later(status, details, response.headers.get("retry-after"), DEFAULT_RETRY_AFTER)
+
+
+# -- registration ------------------------------------------------------------------
+
+OPTIONS = (
+    Option(
+        "fcm_key_path",
+        path,
+        help="Google service-account JSON key for FCM HTTP v1",
+        metavar="PATH",
+    ),
+    Option(
+        "fcm_project_id",
+        text,
+        help="Firebase project id (default: from the key file)",
+        metavar="ID",
+    ),
+    Option("fcm_url", text, help="FCM base URL (tests)", metavar="URL"),
+    Option("fcm_token_url", text, help="OAuth token URL (tests)", metavar="URL"),
+)
+
+
+def build(settings: ProxySettings) -> Built | None:
+    """The FCM sender for the key file's project; None without ``--fcm-key-path``."""
+    key = settings.fcm_key_path
+    if key is None:
+        return None
+    provider = FcmProvider.from_service_account(
+        key,
+        project_id=settings.fcm_project_id,
+        base_url=settings.fcm_url,
+        token_url=settings.fcm_token_url,
+        verify=settings.tls_verify,
+    )
+    return Built(provider, f"key {key}, project {provider.project_id}")
+
+
+PROVIDER = ProviderSpec(
+    name="FCM",
+    description="Firebase Cloud Messaging HTTP v1, with a service-account key",
+    kinds=(Kind.FCM,),
+    options=OPTIONS,
+    build=build,
+    disabled="no --fcm-key-path",
+    label="FCM",
+    success=("fcm_notifications", "Number of FCM notifications"),
+    not_configured="no_api_key",
+)

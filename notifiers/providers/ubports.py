@@ -4,32 +4,40 @@ Dead tokens: the UBports server (a fork of Canonical's ubuntu-push, written in
 Go) answers 400 with ``{"error": "unknown-token", ...}`` for a token it does
 not know (from memory of ubuntu-push's ``server/api``; not verified against the
 live service), so that, 404 and 410 are GONE.  Everything else that is not 2xx
-is RETRY: upstream's "any 4xx deletes the token" lost live devices.
+is RETRY: upstream's "any 4xx deletes the token" lost live devices.  A token
+with characters outside the grammar never gets here (``/notify`` answers 400);
+:meth:`UbportsProvider.send` repeats the check as a guard, RETRY and never GONE.
+
+UBports needs no credentials, so it is on unless switched off (as upstream);
+the end of the module registers it with the proxy (:data:`PROVIDER`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
-from ..tokens import PushToken
+from ..options import Option, boolean, text
+from ..tokens import Kind, PushToken
 from .base import Delivery, Outcome, Provider
 from .common import (
     Verify,
-    is_safe_token,
+    http2_client,
     label,
-    make_ssl_context,
-    parse_retry_after,
-    post,
-    transport_failure,
+    post_push,
+    refuse_malformed,
+    retry_later,
 )
+from .spec import Built, ProviderSpec
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ..settings import ProxySettings
+
 
 DEFAULT_BASE_URL = "https://push.ubports.com"
 APP_ID = "deltatouch.lotharketterer_deltatouch"
@@ -78,37 +86,22 @@ class UbportsProvider(Provider):
         self.url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/notify"
         self.timeout = timeout
         self._clock = clock
-        self._client = httpx.AsyncClient(
-            http2=True,
-            verify=make_ssl_context(verify),
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=10, max_keepalive_connections=4),
-        )
+        self._client = http2_client(verify, timeout)
 
     async def send(self, token: PushToken) -> Delivery:
-        if not is_safe_token(token.device):
-            log.info("UBports token %s has invalid characters; answering gone", token.digest)
-            return Delivery(Outcome.GONE, "invalid_token")
-        try:
-            response = await post(
-                self._client,
-                self.url,
-                timeout=self.timeout,
-                headers={"content-type": "application/json"},
-                content=notification_body(token.device, self._clock()),
-            )
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            log.warning("UBports send for %s failed: %s", token.digest, type(exc).__name__)
-            return transport_failure(exc)
-        delivery = _map_response(response)
-        if delivery.outcome is not Outcome.SENT:
-            log.info(
-                "UBports answered %s %s for %s",
-                response.status_code,
-                delivery.details,
-                token.digest,
-            )
-        return delivery
+        refused = refuse_malformed(token, self.name)
+        if refused is not None:
+            return refused
+        return await post_push(
+            self._client,
+            self.url,
+            token,
+            provider=self.name,
+            timeout=self.timeout,
+            map_response=_map_response,
+            headers={"content-type": "application/json"},
+            content=notification_body(token.device, self._clock()),
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -127,7 +120,37 @@ def _map_response(response: httpx.Response) -> Delivery:
         pass
     if status in (404, 410) or (status == 400 and error in GONE_ERRORS):
         return Delivery(Outcome.GONE, str(status), error)
-    retry_after = None
-    if status == 429 or "retry-after" in response.headers:
-        retry_after = parse_retry_after(response.headers.get("retry-after"), DEFAULT_RETRY_AFTER)
-    return Delivery(Outcome.RETRY, str(status), error, retry_after)
+    return retry_later(status, error, response.headers.get("retry-after"), DEFAULT_RETRY_AFTER)
+
+
+# -- registration ------------------------------------------------------------------
+
+OPTIONS = (
+    Option(
+        "ubports",
+        boolean,
+        True,
+        help="disable UBports (enabled by default; it needs no credentials)",
+    ),
+    Option("ubports_url", text, help="UBports push base URL", metavar="URL"),
+)
+
+
+def build(settings: ProxySettings) -> Built | None:
+    if not settings.ubports:
+        return None
+    provider = UbportsProvider(base_url=settings.ubports_url, verify=settings.tls_verify)
+    return Built(provider, provider.url)
+
+
+PROVIDER = ProviderSpec(
+    name="UBports",
+    description="UBports (Ubuntu Touch) push; no credentials needed",
+    kinds=(Kind.UBPORTS,),
+    options=OPTIONS,
+    build=build,
+    disabled="switched off",
+    label="UBports",
+    success=("ubports_notifications", "Number of UBports notifications"),
+    not_configured="not_configured",
+)

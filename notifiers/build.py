@@ -1,0 +1,60 @@
+"""From settings to a :class:`NotifyService`: the configured providers, each behind its limiter.
+
+Each token kind is served by the first provider in registry order whose
+factory builds one (:mod:`notifiers.providers.registry`; the log provider,
+when on, stands in for all).  Every provider is put behind the limiter of the
+push service that owns the kind, one limiter per service and label: the kinds
+of one service share it (APNs production and sandbox), so the configured
+limits are that service's total.  Each push service logs one line at start,
+enabled or disabled and why; a broken key file is a ProviderConfigError.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .debounce import Debouncer
+from .metrics import ProxyMetrics
+from .providers.base import Provider
+from .providers.registry import LABEL, PROVIDERS
+from .ratelimit import RateLimitedProvider
+from .service import NotifyService
+from .settings import ProxySettings
+from .tokens import Kind
+
+log = logging.getLogger(__name__)
+
+
+def build_providers(settings: ProxySettings) -> dict[Kind, Provider]:
+    """The enabled providers by token kind, rate-limited."""
+    limits = settings.limits
+    providers: dict[Kind, Provider] = {}
+    for spec in PROVIDERS:
+        wanted = [kind for kind in spec.kinds if kind not in providers]
+        if not wanted:
+            continue
+        built = spec.build(settings)
+        if built is None:
+            if spec.is_service:
+                log.warning("%s: disabled (%s)", spec.name, spec.disabled)
+            continue
+        log.log(built.level, "%s: enabled (%s)", spec.name, built.detail)
+        limited: dict[str, Provider] = {}
+        for kind in wanted:
+            label = LABEL[kind]
+            if label not in limited:
+                limited[label] = RateLimitedProvider.limiting(built.provider, limits[label])
+            providers[kind] = limited[label]
+    return providers
+
+
+def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = None) -> NotifyService:
+    """A :class:`NotifyService` with the enabled providers, debouncer and metrics."""
+    providers = build_providers(settings)
+    if settings.interval or settings.db:
+        log.info("--interval/--db accepted for compatibility and ignored: no heartbeats")
+    return NotifyService(
+        providers,
+        metrics=metrics,
+        debouncer=Debouncer(settings.debounce_seconds, settings.debounce_max_entries),
+    )
