@@ -7,8 +7,8 @@ log-only provider prints what it would send to Apple or Google (token digests
 only).  It registers a demo token for alice over IMAP, prints a short guide, then
 follows chatmail-metadata's log until Ctrl-C.
 
-It reuses the test suite's process managers (tests/dovecot_fixture.py), so the
-local stack and the integration tests run Dovecot exactly the same way.
+It is built on the dev stack's process managers (:mod:`devstack`), so the local
+stack and the integration tests run Dovecot exactly the same way.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import dovecot_fixture as df  # noqa: E402 - needs the path above
+from devstack.accounts import USERS
+from devstack.dovecot import DovecotInstance, find_dovecot
+from devstack.imap import ImapClient, RawImap
+from devstack.loopback import free_ports
+from devstack.metadata import MetadataServer
 
 DEMO_TOKEN = "sandbox:" + "5ca1ab1e" * 8  # an APNs sandbox token the log provider accepts
 
@@ -36,7 +37,7 @@ def imap_command(argv: list[str]) -> int:
     For the guide: curl does not print untagged answers that carry literals.
     """
     port, user, password, command = argv
-    with df.RawImap(int(port)) as imap:
+    with RawImap(int(port)) as imap:
         imap.login(user, password)
         resp = imap.command(command)
     for parts in resp.untagged:
@@ -66,7 +67,7 @@ def main() -> int:
     if sys.argv[1:2] == ["imap"]:
         return imap_command(sys.argv[2:])
     args = parse_args()
-    binary = df.find_dovecot()
+    binary = find_dovecot()
     if binary is None:
         print("dovecot not found: run scripts/install-deps first", file=sys.stderr)
         return 1
@@ -74,9 +75,9 @@ def main() -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o755)  # Dovecot's mail processes (nobody) must reach the socket
 
-    dovecot = df.DovecotInstance(run_dir, binary)
-    metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, "embedded")
-    metrics_port = args.metrics_port or df.free_ports(1)[0]
+    dovecot = DovecotInstance(run_dir, binary)
+    metadata = MetadataServer(run_dir, dovecot.metadata_socket, "embedded")
+    metrics_port = args.metrics_port or free_ports(1)[0]
     metadata.notifiers = {"log_provider": "true", "debounce_seconds": "10"}
     metadata.extra_args = ["--metrics", f"127.0.0.1:{metrics_port}"]
     metadata.log_level = "DEBUG"  # show every step of the push path
@@ -84,7 +85,7 @@ def main() -> int:
     metadata.start()
     dovecot.start()
     try:
-        imap = df.ImapClient(dovecot.imap_port, "alice@example.org", df.USERS["alice@example.org"])
+        imap = ImapClient(dovecot.imap_port, "alice@example.org", USERS["alice@example.org"])
         typ, _ = imap.setmetadata("INBOX", {"/private/devicetoken": DEMO_TOKEN})
         imap.logout()
         if typ != "OK":
