@@ -20,7 +20,14 @@ from pathlib import Path
 
 from devstack.accounts import USERS
 from devstack.loopback import free_ports, tcp_listening, wait_until
-from devstack.process import START_TIMEOUT, LogFile, StartError, stop_process
+from devstack.process import (
+    START_TIMEOUT,
+    LogFile,
+    StartError,
+    file_size,
+    read_from,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DOVECOT_DIR = REPO / "dovecot"
@@ -175,8 +182,8 @@ class DovecotInstance(LogFile):
         for attempt in range(attempts):
             self.imap_port, self.lmtp_port = free_ports(2)
             self.write_config()
-            offset = self.log_size()
-            self.start_offset = offset
+            self.start_offset = self.log_size()
+            stderr_offset = file_size(self.stderr_path)
             with self.stderr_path.open("ab") as stderr:
                 self.proc = subprocess.Popen(
                     [self.binary, "-F", "-c", str(self.config_path)],
@@ -187,14 +194,27 @@ class DovecotInstance(LogFile):
             try:
                 wait_until(self._ready, START_TIMEOUT, "Dovecot to listen")
                 return
-            except (TimeoutError, RuntimeError):
+            except (TimeoutError, RuntimeError) as exc:
                 stop_process(self.proc)
-                text = self.log_since(offset)
-                if "Address already in use" in text and attempt + 1 < attempts:
+                output = self._output_since(stderr_offset)
+                if "Address already in use" in output and attempt + 1 < attempts:
                     continue
                 raise StartError(
-                    f"Dovecot did not start (config {self.config_path}):\n{text}"
+                    f"Dovecot did not start (config {self.config_path}): {exc}\n{output}"
                 ) from None
+
+    def _output_since(self, stderr_offset: int) -> str:
+        """What this start wrote to stderr and to the log, each under its file name.
+
+        Both matter: a fatal error before the log process is up (a config error, a
+        port taken) goes to stderr only, everything after it to the log.
+        """
+        sections = []
+        for path, offset in ((self.stderr_path, stderr_offset), (self.log_path, self.start_offset)):
+            text = read_from(path, offset).strip()
+            if text:
+                sections.append(f"{path}:\n{text}")
+        return "\n".join(sections) or f"(nothing in {self.stderr_path} or {self.log_path})"
 
     def _ready(self) -> bool:
         assert self.proc is not None

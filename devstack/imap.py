@@ -21,6 +21,15 @@ imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
 imaplib.Commands.setdefault("GETMETADATA", ("AUTH", "SELECTED"))
 
 
+class LoginFailed(RuntimeError):
+    """The server refused LOGIN; ``text`` is its answer (e.g. ``[AUTHENTICATIONFAILED] ...``)."""
+
+    def __init__(self, user: str, text: str) -> None:
+        super().__init__(f"LOGIN as {user} failed: {text}")
+        self.user = user
+        self.text = text
+
+
 @dataclass(frozen=True)
 class Literal:
     """An IMAP literal argument for :meth:`RawImap.command`: ``{N}`` or ``{N+}``."""
@@ -77,7 +86,7 @@ class RawImap:
     def login(self, user: str, password: str) -> ImapResponse:
         resp = self.command(f"LOGIN {_quote(user)} {_quote(password)}")
         if resp.status != "OK":
-            raise RuntimeError(f"LOGIN failed: {resp.text!r}")
+            raise LoginFailed(user, resp.text.decode("utf-8", "replace"))
         return resp
 
     def command(self, *parts: bytes | str | Literal) -> ImapResponse:

@@ -106,13 +106,14 @@ class MetadataServer(LogFile):
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise StartError(
-                    f"chatmail-metadata exited with status {self.proc.returncode}:\n"
-                    + self.log_since(offset)
-                )
+                raise StartError(f"chatmail-metadata exited with status {self.proc.returncode}")
             return unix_listening(self.socket_path)
 
-        wait_until(ready, START_TIMEOUT, "chatmail-metadata to listen")
+        try:
+            wait_until(ready, START_TIMEOUT, "chatmail-metadata to listen")
+        except (StartError, TimeoutError) as exc:
+            self.stop()
+            raise StartError(f"{exc} (log {self.log_path}):\n{self.log_since(offset)}") from None
 
     def stop(self) -> None:
         """SIGTERM and wait; the socket file is gone afterwards (Dovecot gets ENOENT)."""

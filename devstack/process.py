@@ -68,14 +68,21 @@ class Service(Protocol):
     def stop(self) -> None: ...
 
 
+def start_all(cleanup: contextlib.ExitStack, *services: Service) -> None:
+    """Start ``services`` in order, each one's ``stop`` pushed on ``cleanup`` before it starts.
+
+    So closing ``cleanup`` stops them in reverse order, also the one that failed to
+    start (``stop`` is safe on a service that did not start: all here are), and
+    ``cleanup.pop_all()`` leaves them running.
+    """
+    for service in services:
+        cleanup.callback(service.stop)
+        service.start()
+
+
 @contextlib.contextmanager
 def running(*services: Service) -> Iterator[None]:
-    """Start ``services`` in order; stop them in reverse order on exit, also if one fails.
-
-    ``stop`` must be safe to call on a service that did not start (all here are).
-    """
-    with contextlib.ExitStack() as stack:
-        for service in services:
-            stack.callback(service.stop)
-            service.start()
+    """Start ``services`` in order; stop them in reverse order on exit, also if one fails."""
+    with contextlib.ExitStack() as cleanup:
+        start_all(cleanup, *services)
         yield

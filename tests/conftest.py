@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "chatmail_ini(params=None, metadata=None): extra [params]/[metadata] settings "
         "of chatmail.ini for the `relay` fixture",
     )
+
+
+# Dovecot prints a fatal config error on stderr (its log process is not up yet) and
+# exits 89; this stand-in does the same and also writes a line to the log file.
+FAILING_DOVECOT = """#!/bin/sh
+echo "doveconf: Fatal: Error in configuration file $3 line 1: stand-in failure" >&2
+echo "master: Error: stand-in log line" >> "$(dirname "$3")/dovecot.log"
+exit 89
+"""
+
+
+@pytest.fixture
+def failing_dovecot(tmp_path) -> Path:
+    """A ``dovecot`` that fails to start as a broken config makes it (alone in its directory)."""
+    directory = tmp_path / "failing-dovecot-bin"
+    directory.mkdir()
+    path = directory / "dovecot"
+    path.write_text(FAILING_DOVECOT)
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture(scope="session")
