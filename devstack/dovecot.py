@@ -206,8 +206,8 @@ class DovecotInstance(LogFile):
     def _output_since(self, stderr_offset: int) -> str:
         """What this start wrote to stderr and to the log, each under its file name.
 
-        Both matter: a fatal error before the log process is up (a config error, a
-        port taken) goes to stderr only, everything after it to the log.
+        Both matter: a fatal error before Dovecot has read its config (a config
+        error) goes to stderr only; later ones (a port taken) go to both.
         """
         sections = []
         for path, offset in ((self.stderr_path, stderr_offset), (self.log_path, self.start_offset)):
