@@ -15,8 +15,9 @@ import socket
 import time
 from pathlib import Path
 
-from common import ChildServer, DictSocket, guid, run_child, temp_dir, tree_cpu_seconds
-from table import Figure, at_least, print_table, ratio
+from bench.common import ChildServer, DictSocket, guid, run_child, temp_dir, tree_cpu_seconds
+from bench.table import Figure, at_least, print_table, ratio
+from devstack.metadata import MetadataServer
 
 USERS = 64
 HELLO = b"H3\t2\t0\t\tmetadata\n"
@@ -187,15 +188,13 @@ def _measure(path: Path, pid: int, conns: int, mode: str, seconds: float, max_op
 
 
 def run(quick: bool) -> list[Figure]:
-    import dovecot_fixture as df
-
     seconds = 1.5 if quick else 4.0
     max_ops = 200_000 if quick else 1_000_000
     rows = []
     results: dict[tuple[str, int, str], dict] = {}
     with temp_dir("dict") as run_dir:
         sock = run_dir / "metadata.socket"
-        server = df.MetadataServer(run_dir, sock, "off")
+        server = MetadataServer(run_dir, sock, "off")
         server.log_level = "INFO"  # the production default
         server.start()
         try:
@@ -214,7 +213,7 @@ def run(quick: bool) -> list[Figure]:
             server.stop()
         # The durability switch: synchronous=FULL also survives power loss (fsync per
         # commit); NORMAL (the default) survives a killed process. Its cost:
-        server = df.MetadataServer(run_dir, sock, "off")
+        server = MetadataServer(run_dir, sock, "off")
         server.log_level = "INFO"  # the production default
         server.metadata = {"synchronous": "FULL"}
         server.start()

@@ -9,13 +9,15 @@ on its own user) does a bounded number of SET+GET pairs per session.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
+from pathlib import Path
 
-import dovecot_fixture as df
-from common import run_child, temp_dir, tree_cpu_seconds
-from table import Figure, at_least, print_table, ratio
+from bench.common import run_child, temp_dir, tree_cpu_seconds
+from bench.table import Figure, at_least, print_table, ratio
+from devstack.dovecot import DovecotInstance, find_dovecot
+from devstack.imap import RawImap
+from devstack.metadata import MetadataServer
 
 PASSWORD = "benchpass"
 ENTRY = "/private/vendor/bench/key"
@@ -25,34 +27,13 @@ def _users(n: int) -> list[str]:
     return [f"bench{i}@example.org" for i in range(n)]
 
 
-class BenchDovecot(df.DovecotInstance):
-    """The shipped test instance, with more users; ``mode`` picks the attribute dict:
+def bench_dovecot(run_dir: Path, binary: str, users: list[str], mode: str) -> DovecotInstance:
+    """The shipped test instance with the bench users; ``mode`` is the attribute dict:
     ``shipped`` (our dict, idle_msecs=60000 as dovecot/conf.d ships it), ``per-command``
     (our dict, a new connection per IMAP command: Dovecot's default, as upstream
     chatmail configures it) or ``file`` (Dovecot's built-in file: dict, the baseline).
     """
-
-    def __init__(self, run_dir, binary: str, users: list[str], mode: str) -> None:
-        super().__init__(run_dir, binary)
-        self.users = users
-        self.mode = mode
-        self.file_dict = mode == "file"
-
-    def write_config(self) -> None:
-        super().write_config()
-        passwd = "".join(f"{u}:{{PLAIN}}{PASSWORD}::::::\n" for u in self.users)
-        (self.run_dir / "passwd").write_text(passwd)
-        if self.file_dict:
-            snippet = self.run_dir / "conf.d" / df.SNIPPET.name
-            text = re.sub(
-                r"(?m)^(\s*mail_attribute_dict\s*=\s*)proxy:\S+$",
-                r"\1file:%h/dovecot-attributes",
-                snippet.read_text(),
-            )
-            snippet.write_text(text)
-        elif self.mode == "per-command":
-            snippet = self.run_dir / "conf.d" / df.SNIPPET.name
-            snippet.write_text(snippet.read_text().replace("idle_msecs=60000:", ""))
+    return DovecotInstance(run_dir, binary, users={u: PASSWORD for u in users}, attribute_dict=mode)
 
 
 def imap_client(port: int, users: list[str], pairs: int, seconds: float) -> dict:
@@ -65,7 +46,7 @@ def imap_client(port: int, users: list[str], pairs: int, seconds: float) -> dict
         done = failures = 0
         latencies: list[float] = []
         try:
-            imap = df.RawImap(port)
+            imap = RawImap(port)
             imap.login(user, PASSWORD)
             for i in range(3):  # warm-up: the first SET creates the dict entry/file
                 imap.command(f'SETMETADATA INBOX ({ENTRY} "warm{i}")')
@@ -114,11 +95,11 @@ def imap_client(port: int, users: list[str], pairs: int, seconds: float) -> dict
 def _run_one(binary: str, users: list[str], mode: str, pairs: int, seconds: float) -> dict:
     file_dict = mode == "file"
     with temp_dir("imap") as run_dir:
-        dovecot = BenchDovecot(run_dir, binary, users, mode)
+        dovecot = bench_dovecot(run_dir, binary, users, mode)
         metadata = None
         try:
             if not file_dict:
-                metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, "off")
+                metadata = MetadataServer(run_dir, dovecot.metadata_socket, "off")
                 metadata.log_level = "INFO"  # the production default
                 metadata.start()
             dovecot.start()
@@ -151,7 +132,7 @@ def _run_one(binary: str, users: list[str], mode: str, pairs: int, seconds: floa
 
 
 def run(quick: bool) -> list[Figure]:
-    binary = df.find_dovecot()
+    binary = find_dovecot()
     if binary is None:
         print("dovecot not found: section skipped")
         return [Figure("imap ours/file ratio", None, "", ">= 0.80", None)]

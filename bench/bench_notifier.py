@@ -2,7 +2,7 @@
 
 (a) burst: N tokens registered over the dict socket, then one ``messagenew``
     commit per user (dict name ``lmtp``) as fast as one connection goes; jobs/s
-    until a local HTTP sink (tests/pushsink.py, in this process) has every POST,
+    until a local HTTP sink (devstack/pushsink.py, in this process) has every POST,
     and latency from "commit sent" to "POST received".  Baseline: the raw rate
     of the same HTTP client library (httpx, one client per thread, as many
     threads as the notifier has workers) posting straight to the same sink from
@@ -26,11 +26,21 @@ import threading
 import time
 from pathlib import Path
 
-import dovecot_fixture as df
-from bench_imap import BenchDovecot
-from common import DictSocket, guid, median, percentile, run_child, temp_dir, tree_cpu_seconds
-from pushsink import PushSink
-from table import Figure, at_least, at_most, print_table, ratio
+from bench.bench_imap import bench_dovecot
+from bench.common import (
+    DictSocket,
+    guid,
+    median,
+    percentile,
+    run_child,
+    temp_dir,
+    tree_cpu_seconds,
+)
+from bench.table import Figure, at_least, at_most, print_table, ratio
+from devstack.dovecot import find_dovecot
+from devstack.lmtp import deliver
+from devstack.metadata import MetadataServer
+from devstack.pushsink import PushSink
 
 WORKERS = 12  # the notifier's default notify_workers
 
@@ -139,7 +149,7 @@ def burst_and_paced(quick: bool) -> dict:
     out: dict = {}
     with temp_dir("notifier") as run_dir:
         sink = PushSink()
-        server = df.MetadataServer(run_dir, run_dir / "metadata.socket", sink.url)
+        server = MetadataServer(run_dir, run_dir / "metadata.socket", sink.url)
         server.log_level = "INFO"  # the production default
         try:
             server.start()
@@ -219,7 +229,7 @@ def _deliver_all(port: int, users: list[int], threads: int) -> tuple[float, int]
                 if not todo:
                     return
                 i = todo.pop()
-            code, _ = df.deliver(port, "sender@example.net", _user(i))
+            code, _ = deliver(port, "sender@example.net", _user(i))
             if code != 250:
                 with lock:
                     failures[0] += 1
@@ -234,7 +244,7 @@ def _deliver_all(port: int, users: list[int], threads: int) -> tuple[float, int]
 
 
 def lmtp_end_to_end(quick: bool) -> dict:
-    binary = df.find_dovecot()
+    binary = find_dovecot()
     if binary is None:
         return {}
     n = 300 if quick else 1000
@@ -244,8 +254,8 @@ def lmtp_end_to_end(quick: bool) -> dict:
     out: dict = {}
     with temp_dir("lmtp") as run_dir:
         sink = PushSink()
-        dovecot = BenchDovecot(run_dir, binary, all_users, mode="shipped")
-        metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
+        dovecot = bench_dovecot(run_dir, binary, all_users, "shipped")
+        metadata = MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
         metadata.log_level = "INFO"  # the production default
         try:
             metadata.start()
@@ -292,7 +302,7 @@ def _log_time(line: str) -> float:
     return dt.timestamp()
 
 
-def _timed_start(server: df.MetadataServer) -> dict:
+def _timed_start(server: MetadataServer) -> dict:
     """Start chatmail-metadata; time to the first answered lookup and to the log line."""
     server.write_ini()
     offset = server.log_size()
@@ -384,7 +394,7 @@ def startup(jobs: int) -> dict:
     with temp_dir("startup") as run_dir:
         sink = PushSink()  # nothing is due, but the notifier needs a URL
         try:
-            server = df.MetadataServer(run_dir, run_dir / "metadata.socket", sink.url)
+            server = MetadataServer(run_dir, run_dir / "metadata.socket", sink.url)
             server.log_level = "INFO"  # the production default
             server.start()  # creates the schema
             server.stop()

@@ -1,6 +1,6 @@
 """Section "proxy": the standalone push proxy (issue 4).
 
-Three processes on loopback: the fake APNs of tests/fakes (HTTP/2 over TLS with
+Three processes on loopback: the fake APNs of devstack/fakes (HTTP/2 over TLS with
 client-certificate auth, not recording requests here), the proxy (aiohttp app
 from ``notifiers.app`` around a ``NotifyService`` with an ``ApnsProvider`` from a
 .p12, wrapped in the default per-provider limiter as ``build_service`` does), and
@@ -16,8 +16,8 @@ import gc
 import time
 from pathlib import Path
 
-from common import ChildServer, median, percentile, run_child, temp_dir, tree_cpu_seconds
-from table import Figure, at_least, at_most, print_table, ratio
+from bench.common import ChildServer, median, percentile, run_child, temp_dir, tree_cpu_seconds
+from bench.table import Figure, at_least, at_most, print_table, ratio
 
 P12_PASSWORD = b"bench-secret"
 TOPIC = "chat.delta"
@@ -31,8 +31,9 @@ def fake_apns_server(ready, stop, workdir: str) -> None:
     import threading
 
     import trustme
-    from fakes.apns import FakeApns
-    from fakes.keys import write_client_p12
+
+    from devstack.fakes.apns import FakeApns
+    from devstack.fakes.keys import write_client_p12
 
     class CountingApns(FakeApns):
         """Answers like FakeApns but only counts requests (memory stays flat)."""

@@ -8,19 +8,12 @@ import os
 import shutil
 import socket
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-TESTS = REPO / "tests"
-for _p in (str(TESTS), str(BENCH)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from devstack.dovecot import make_run_dir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SPAWN = multiprocessing.get_context("spawn")
@@ -29,8 +22,7 @@ SPAWN = multiprocessing.get_context("spawn")
 @contextlib.contextmanager
 def temp_dir(prefix: str) -> Iterator[Path]:
     """A directory the Dovecot mail uid (nobody) can traverse; removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix=f"chatmail-bench-{prefix}-"))
-    path.chmod(0o755)
+    path = make_run_dir(prefix=f"chatmail-bench-{prefix}-")
     try:
         yield path
     finally:

@@ -1,6 +1,9 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, built on the dev stack (:mod:`devstack`).
 
-Integration fixtures for a real Dovecot (see ``dovecot_fixture.py``):
+The fake push services' fixtures (``fake_apns_cert``, ``fake_fcm``, ...) are in
+``fixtures_fake_push.py``, loaded as a plugin below.
+
+Integration fixtures for a real Dovecot (:mod:`devstack.dovecot`):
 
 * ``dovecot_stack`` (session): one self-contained Dovecot on 127.0.0.1 (free ports,
   temporary run directory, users alice@example.org / bob@example.org) plus the
@@ -16,10 +19,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
-import dovecot_fixture as df
 import pytest
-from pushsink import PushSink
+
+from devstack.dovecot import DovecotInstance, find_dovecot, make_run_dir
+from devstack.metadata import MetadataServer
+from devstack.pushsink import PushSink
+from devstack.relay import Relay
+
+pytest_plugins = ["fixtures_fake_push"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,6 +37,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "chatmail_ini(params=None, metadata=None): extra [params]/[metadata] settings "
         "of chatmail.ini for the `relay` fixture",
     )
+
+
+# Dovecot prints a fatal config error on stderr (its log process is not up yet) and
+# exits 89; this stand-in does the same and also writes a line to the log file.
+FAILING_DOVECOT = """#!/bin/sh
+echo "doveconf: Fatal: Error in configuration file $3 line 1: stand-in failure" >&2
+echo "master: Error: stand-in log line" >> "$(dirname "$3")/dovecot.log"
+exit 89
+"""
+
+
+@pytest.fixture
+def failing_dovecot(tmp_path) -> Path:
+    """A ``dovecot`` that fails to start as a broken config makes it (alone in its directory)."""
+    directory = tmp_path / "failing-dovecot-bin"
+    directory.mkdir()
+    path = directory / "dovecot"
+    path.write_text(FAILING_DOVECOT)
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +69,12 @@ def push_sink():
 
 @pytest.fixture(scope="session")
 def dovecot_stack(push_sink):
-    binary = df.find_dovecot()
+    binary = find_dovecot()
     if binary is None:
         pytest.skip("dovecot binary not found (install dovecot-imapd and dovecot-lmtpd)")
-    run_dir = df.make_run_dir()
-    dovecot = df.DovecotInstance(run_dir, binary)
-    metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, push_sink.url)
+    run_dir = make_run_dir()
+    dovecot = DovecotInstance(run_dir, binary)
+    metadata = MetadataServer(run_dir, dovecot.metadata_socket, push_sink.url)
     try:
         dovecot.start()
         yield dovecot, metadata
@@ -67,7 +96,7 @@ def relay(dovecot_stack, push_sink, request):
     metadata.fresh(params=settings.get("params"), metadata=settings.get("metadata"))
     dovecot_offset = dovecot.log_size()
     metadata_offset = metadata.log_size()
-    r = df.Relay(dovecot, metadata, push_sink)
+    r = Relay(dovecot, metadata, push_sink)
     yield r
     r.close_clients()
     problems = [f"Dovecot: {line}" for line in dovecot.crash_lines(dovecot_offset)]

@@ -9,12 +9,10 @@ import ssl
 
 import pytest
 import trustme
-from fakes.apns import FakeApns, apns_error
-from fakes.fixtures import *  # noqa: F403 - pytest fixtures
-from fakes.fixtures import ApnsCert, ApnsKey
-from fakes.h2server import Reply
-from fakes.keys import write_client_p12
 
+from devstack.fakes.apns import FakeApns, apns_error
+from devstack.fakes.h2server import Reply
+from devstack.fakes.keys import ApnsCert, ApnsKey, write_client_p12
 from notifiers.providers.apns import JWT_RENEW_AFTER, PAYLOAD, ApnsProvider
 from notifiers.providers.base import Outcome, ProviderConfigError
 from notifiers.tokens import Kind, PushToken, TokenError, parse_token
@@ -174,7 +172,7 @@ async def test_jwt_auth_reuse_and_renewal(fake_apns_jwt, apns_key, ca_path):
 
 async def test_jwt_rejected_by_server_is_retry(fake_apns_jwt, tmp_path, ca_path):
     other = tmp_path / "other.p8"
-    from fakes.keys import write_p8
+    from devstack.fakes.keys import write_p8
 
     write_p8(other)
     key = ApnsKey(other, "ABC123DEFG", "TEAM123456", None)  # type: ignore[arg-type]

@@ -7,21 +7,17 @@ from __future__ import annotations
 import re
 import shutil
 
-import dovecot_fixture as df
 import httpx
 import pytest
-from pushsink import PushSink
 
-
-class PerCommandDovecot(df.DovecotInstance):
-    """The shipped config without idle_msecs: a dict connection per IMAP command."""
-
-    def write_config(self) -> None:
-        super().write_config()
-        snippet = self.run_dir / "conf.d" / df.SNIPPET.name
-        text = snippet.read_text()
-        assert "idle_msecs=60000:" in text
-        snippet.write_text(text.replace("idle_msecs=60000:", ""))
+from devstack.accounts import USERS
+from devstack.dovecot import DovecotInstance, find_dovecot, make_run_dir
+from devstack.imap import ImapClient
+from devstack.lmtp import deliver
+from devstack.loopback import free_port
+from devstack.metadata import MetadataServer
+from devstack.process import running
+from devstack.pushsink import PushSink
 
 
 def dict_counter(metrics_url: str, name: str) -> float:
@@ -33,24 +29,20 @@ def dict_counter(metrics_url: str, name: str) -> float:
 
 @pytest.fixture(params=["shipped", "per-command"])
 def stack(request):
-    binary = df.find_dovecot()
+    binary = find_dovecot()
     if binary is None:
         pytest.skip("dovecot binary not found (install dovecot-imapd and dovecot-lmtpd)")
-    run_dir = df.make_run_dir()
+    run_dir = make_run_dir()
     sink = PushSink()
-    cls = PerCommandDovecot if request.param == "per-command" else df.DovecotInstance
-    dovecot = cls(run_dir, binary)
-    metadata = df.MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
-    port = df.free_ports(1)[0]
+    dovecot = DovecotInstance(run_dir, binary, attribute_dict=request.param)
+    metadata = MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
+    port = free_port()
     metadata.extra_args = ["--metrics", f"127.0.0.1:{port}"]
     try:
-        metadata.start()
-        dovecot.start()
-        yield request.param, dovecot, f"http://127.0.0.1:{port}/metrics", sink
-        crashes = dovecot.crash_lines()
+        with running(metadata, dovecot):
+            yield request.param, dovecot, f"http://127.0.0.1:{port}/metrics", sink
+            crashes = dovecot.crash_lines()
     finally:
-        metadata.stop()
-        dovecot.stop()
         sink.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     assert not crashes, crashes
@@ -58,7 +50,7 @@ def stack(request):
 
 def test_dict_connections(stack):
     mode, dovecot, metrics_url, sink = stack
-    imap = df.ImapClient(dovecot.imap_port, "alice@example.org", df.USERS["alice@example.org"])
+    imap = ImapClient(dovecot.imap_port, "alice@example.org", USERS["alice@example.org"])
     try:
         before = dict_counter(metrics_url, "connections")
         for i in range(10):
@@ -81,6 +73,6 @@ def test_dict_connections(stack):
         assert dict_counter(metrics_url, "commits") >= 11
     finally:
         imap.logout()
-    code, text = df.deliver(dovecot.lmtp_port, "carol@example.net", "alice@example.org")
+    code, text = deliver(dovecot.lmtp_port, "carol@example.net", "alice@example.org")
     assert code == 250, text
     sink.wait_for_body(b"idle-token")

@@ -15,7 +15,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from dovecot_fixture import ImapClient, ImapResponse, Literal, wait_until
+
+from devstack.imap import ImapClient, ImapResponse, Literal
+from devstack.loopback import wait_until
 
 pytestmark = pytest.mark.dovecot
 

@@ -7,11 +7,10 @@ import urllib.parse
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fakes.fcm import SCOPE, FakeFcm, fcm_error, invalid_token_error
-from fakes.fixtures import *  # noqa: F403 - pytest fixtures
-from fakes.h2server import Reply
-from fakes.keys import write_service_account
 
+from devstack.fakes.fcm import SCOPE, FakeFcm, fcm_error, invalid_token_error
+from devstack.fakes.h2server import Reply
+from devstack.fakes.keys import write_service_account
 from notifiers.providers.base import Outcome, ProviderConfigError
 from notifiers.providers.fcm import REFRESH_MARGIN, FcmProvider
 from notifiers.tokens import Kind, PushToken, TokenError, parse_token

@@ -1,4 +1,4 @@
-"""notifiers.h2client against the fake HTTP/2 server of tests/fakes (TLS on loopback)."""
+"""notifiers.h2client against the fake HTTP/2 server of devstack/fakes (TLS on loopback)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import h2.events
 import h2.settings
 import pytest
 import trustme
-from fakes.fixtures import *  # noqa: F403 - pytest fixtures
-from fakes.h2server import FakeH2Server, Reply, Request
-from fakes.keys import server_context
 
+from devstack.fakes.h2server import FakeH2Server, Reply, Request
+from devstack.fakes.keys import server_context
 from notifiers import h2client
 from notifiers.h2client import ConnectError, ConnectionLost, H2Client
 

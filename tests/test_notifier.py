@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pushsink import PushSink, free_port
 
 from chatmaild import dictproto as dp
 from chatmaild import jobqueue
@@ -19,6 +18,8 @@ from chatmaild.notifier import Notifier
 from chatmaild.pushtransport import HttpPushTransport
 from chatmaild.serverkeys import ServerKeys
 from chatmaild.store import MetadataStore
+from devstack.loopback import free_port
+from devstack.pushsink import PushSink
 
 GUID = b"0db9f01b8afe096b1c28000083ecc375"
 USER = "alice@example.org"

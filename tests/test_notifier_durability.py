@@ -12,7 +12,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pushsink import PushSink, free_port
+from devstack.loopback import free_port
+from devstack.pushsink import PushSink
 
 GUID = "0db9f01b8afe096b1c28000083ecc375"
 BIN = Path(sys.executable).with_name("chatmail-metadata")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.loopback import free_port
 from notifiers.build import build_service
 from notifiers.providers.apns import PASSWORD_ENV
 from notifiers.providers.base import ProviderConfigError
@@ -37,12 +38,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30):
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_help_lists_upstream_and_own_options():

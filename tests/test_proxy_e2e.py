@@ -18,9 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes.apns import apns_error
-from fakes.fixtures import *  # noqa: F403 - the fake APNs fixtures
-from pushsink import free_port
 
 from chatmaild import dictproto as dp
 from chatmaild.config import read_config
@@ -31,6 +28,8 @@ from chatmaild.notifier import Notifier
 from chatmaild.pushtransport import EmbeddedPushTransport
 from chatmaild.serverkeys import ServerKeys
 from chatmaild.store import MetadataStore
+from devstack.fakes.apns import apns_error
+from devstack.loopback import free_port
 from notifiers.embedded import EmbeddedProxy
 from notifiers.settings import settings_from_mapping
 

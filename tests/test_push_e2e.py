@@ -11,7 +11,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from pushsink import PushSink, free_port
+
+from devstack.loopback import free_port
+from devstack.pushsink import PushSink
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"

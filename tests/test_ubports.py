@@ -6,9 +6,8 @@ import asyncio
 import json
 
 import pytest
-from fakes.fixtures import *  # noqa: F403 - pytest fixtures
-from fakes.h2server import Reply
 
+from devstack.fakes.h2server import Reply
 from notifiers.providers.base import Outcome
 from notifiers.providers.ubports import UbportsProvider
 from notifiers.tokens import Kind, PushToken, TokenError, parse_token

@@ -92,7 +92,7 @@ class FakeFcm(FakeH2Server):
         return [r for r in self.requests if r.path == "/token"]
 
     def use_service_account(self, info: dict) -> None:
-        """Trust the account written by :func:`fakes.keys.write_service_account`."""
+        """Trust the account written by :func:`devstack.fakes.keys.write_service_account`."""
         self.client_email = str(info["client_email"])
         self.public_key = info["public_key"]  # type: ignore[assignment]
 

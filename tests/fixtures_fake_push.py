@@ -1,54 +1,29 @@
-"""pytest fixtures for the fake push services.
+"""pytest fixtures for the fake push services of :mod:`devstack.fakes`.
 
-Use them from a test module with ``from fakes.fixtures import *`` (``tests/``
-is on ``sys.path`` because it is not a package), or list ``"fakes.fixtures"``
-in ``pytest_plugins`` of ``tests/conftest.py``.  All are synchronous: the
-servers run in their own threads, so any async test can use them.
+A plugin module: ``tests/conftest.py`` lists it in ``pytest_plugins``, so every
+test module can ask for these fixtures by name.  All are synchronous: the servers
+run in their own threads, so any async test can use them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from .apns import FakeApns
-from .fcm import FakeFcm
-from .h2server import FakeH2Server
-from .keys import server_context, write_client_p12, write_p8, write_service_account
-
-__all__ = [
-    "ApnsCert",
-    "ApnsKey",
-    "apns_cert",
-    "apns_key",
-    "ca_path",
-    "client_ca",
-    "fake_apns_cert",
-    "fake_apns_jwt",
-    "fake_fcm",
-    "fake_ubports",
-    "fcm_key_path",
-    "tls_ca",
-]
-
-
-@dataclass
-class ApnsCert:
-    path: Path
-    password: bytes
-
-
-@dataclass
-class ApnsKey:
-    path: Path
-    key_id: str
-    team_id: str
-    public_key: ec.EllipticCurvePublicKey
+from devstack.fakes.apns import FakeApns
+from devstack.fakes.fcm import FakeFcm
+from devstack.fakes.h2server import FakeH2Server
+from devstack.fakes.keys import (
+    ApnsCert,
+    ApnsKey,
+    server_context,
+    write_client_p12,
+    write_p8,
+    write_service_account,
+)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A real HTTP server on 127.0.0.1 that records push POSTs, for notifier tests.
+"""A real HTTP server on 127.0.0.1 that records push POSTs: the notifier's "proxy".
 
 Answers are scripted per token (a list of statuses consumed in order, then the
 default) and can be delayed, so tests can make the "proxy" slow, failing or gone.
@@ -10,6 +10,8 @@ import http.server
 import threading
 import time
 from dataclasses import dataclass, field
+
+from devstack.loopback import HOST
 
 
 @dataclass
@@ -54,10 +56,10 @@ class PushSink:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = http.server.ThreadingHTTPServer((HOST, self.port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/notify"
+        self.url = f"http://{HOST}:{self.port}/notify"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -96,12 +98,3 @@ class PushSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (for "proxy is down" tests)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

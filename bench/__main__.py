@@ -14,14 +14,13 @@ import sys
 import time
 import traceback
 
-import common  # noqa: F401  (puts tests/ and bench/ on sys.path)
-from table import Figure, print_summary
+from bench.table import Figure, print_summary
 
 SECTIONS = {
-    "dict": "bench_dict",
-    "imap": "bench_imap",
-    "notifier": "bench_notifier",
-    "proxy": "bench_proxy",
+    "dict": "bench.bench_dict",
+    "imap": "bench.bench_imap",
+    "notifier": "bench.bench_notifier",
+    "proxy": "bench.bench_proxy",
 }
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 import ssl
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
@@ -16,6 +17,24 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 SERVER_NAMES = ("127.0.0.1", "localhost")
+
+
+@dataclass
+class ApnsCert:
+    """A client-certificate .p12 for APNs certificate mode, with its password."""
+
+    path: Path
+    password: bytes
+
+
+@dataclass
+class ApnsKey:
+    """An APNs token-mode signing key (.p8) with the ids a JWT must carry."""
+
+    path: Path
+    key_id: str
+    team_id: str
+    public_key: ec.EllipticCurvePublicKey
 
 
 def server_context(ca: trustme.CA, client_ca: trustme.CA | None = None) -> ssl.SSLContext:

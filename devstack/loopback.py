@@ -1,0 +1,64 @@
+"""Everything the dev stack runs listens on 127.0.0.1: free ports, listening checks, polling.
+
+Nothing here ever connects anywhere but loopback (and Unix sockets), so no test,
+benchmark or local run can reach another machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that are free right now (another process may still take one)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((HOST, 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (for "proxy is down" tests)."""
+    return free_ports(1)[0]
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02
+) -> object:
+    """Poll ``predicate`` until it returns something truthy; raise TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def tcp_listening(port: int) -> bool:
+    """Whether a TCP connect to 127.0.0.1:``port`` succeeds."""
+    try:
+        with socket.create_connection((HOST, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def unix_listening(path: Path) -> bool:
+    """Whether a connect to the Unix socket ``path`` succeeds."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
