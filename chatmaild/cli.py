@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from chatmail_common.systemd import listen_fds, notify, watchdog_interval
 from .config import Config, ConfigError, check_notify_url, read_config
 from .database import DatabaseError, connect
 from .dictserver import ServerStats, bind_unix_socket, start_dict_server
-from .jobqueue import RetryPolicy
+from .jobstore import JobStore
 from .metadata import MetadataDict
 from .notifier import Notifier
 from .pushtransport import EmbeddedPushTransport, HttpPushTransport, PushTransport
@@ -32,6 +33,17 @@ from .serverkeys import ServerKeys
 from .store import MetadataStore
 
 log = logging.getLogger("chatmail-metadata")
+
+
+def octal_mode(text: str) -> int:
+    """``--socket-mode``: permission bits in octal, as chmod takes them (0660, 660)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"expected an octal mode such as 0660, got {text!r}")
+    return mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--socket-mode",
-        type=lambda s: int(s, 8),
+        type=octal_mode,
+        metavar="MODE",
         default=None,
         help="octal mode for the socket file, e.g. 0660 (default: keep the umask)",
     )
@@ -102,14 +115,30 @@ def load(args: argparse.Namespace) -> Config:
     return config
 
 
+def listening_socket(fds: list[int], args: argparse.Namespace) -> socket.socket:
+    """The dict socket systemd passed in ``fds`` (socket activation), else bound at
+    ``args.socket``; a failure is a ConfigError naming the socket."""
+    if fds:
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError as exc:
+            raise ConfigError(f"socket from systemd (fd {fds[0]}): {exc.strerror or exc}") from None
+        sock.setblocking(False)
+        return sock
+    try:
+        return bind_unix_socket(args.socket, args.socket_mode)
+    except OSError as exc:  # e.g. EACCES, whose message names no path, or a too long path
+        raise ConfigError(f"cannot listen on socket {args.socket}: {exc.strerror or exc}") from None
+
+
 async def serve(config: Config, args: argparse.Namespace) -> int:
     conn = connect(config.database_path, config.synchronous)
     fds = listen_fds()
-    if fds:
-        sock = socket.socket(fileno=fds[0])
-        sock.setblocking(False)
-    else:
-        sock = bind_unix_socket(args.socket, args.socket_mode)
+    try:
+        sock = listening_socket(fds, args)
+    except BaseException:
+        conn.close()
+        raise
     metrics = RelayMetrics()
     proxy = notifier = None
     try:
@@ -184,7 +213,7 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
         try:
             proxy = start_embedded(config.proxy_options)
         except Exception as exc:  # a broken key file etc.: one line for the operator
-            raise ConfigError(f"embedded push proxy: {exc}") from exc
+            raise ConfigError(f"embedded push proxy ([notifiers] of {config.path}): {exc}") from exc
 
         def factory() -> PushTransport:
             return EmbeddedPushTransport(proxy, settings.timeout)
@@ -196,14 +225,12 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
             return HttpPushTransport(settings.url, settings.timeout)
 
         target = settings.url
-    policy = RetryPolicy(settings.retry_delays, settings.max_attempts, settings.deadline)
     notifier = Notifier(
-        config.database_path,
+        functools.partial(JobStore.open, config.database_path, config.synchronous),
         factory,
         workers=settings.workers,
-        policy=policy,
+        policy=settings.retry_policy(),
         metrics=metrics,
-        synchronous=config.synchronous,
     )
     notifier.start()
     log.info("pushing to %s", target)

@@ -2,20 +2,27 @@
 
 An upstream ``chatmail.ini`` must work as it is, so everything this project adds
 lives in an optional ``[metadata]`` section (upstream's deploy tool only warns
-about unknown keys in ``[params]``, and we add none there).
+about unknown keys in ``[params]``, and we add none there).  An unknown key in
+``[metadata]`` is an error, as in ``[notifiers]``: a typo must not silently keep
+a default.
 """
 
 from __future__ import annotations
 
 import configparser
+import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .jobqueue import RetryPolicy
+
 DEFAULT_TURN_SOCKET = "/run/chatmail-turn/turn.socket"
 DEFAULT_NOTIFY_URL = "https://notifications.delta.chat/notify"
 PACKAGED_APPVERSIONS = Path(__file__).parent / "data" / "appversions.json"
+_UPSTREAM_RETRY = RetryPolicy()
 
 
 class ConfigError(Exception):
@@ -42,9 +49,12 @@ class NotifierSettings:
     url: str = DEFAULT_NOTIFY_URL
     workers: int = 12
     timeout: float = 60.0
-    retry_delays: tuple[float, ...] = (8.0, 64.0, 512.0, 4096.0)
-    max_attempts: int = 5
-    deadline: float = 5 * 3600.0
+    retry_delays: tuple[float, ...] = _UPSTREAM_RETRY.delays
+    max_attempts: int = _UPSTREAM_RETRY.max_attempts
+    deadline: float = _UPSTREAM_RETRY.deadline
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.retry_delays, self.max_attempts, self.deadline)
 
 
 @dataclass(slots=True)
@@ -117,14 +127,40 @@ def read_config(path: str | Path) -> Config:
         path=path,
     )
     if parser.has_section("metadata"):
-        _apply_metadata_section(cfg, parser["metadata"], path)
+        section = _AskedKeys(parser["metadata"])
+        _apply_metadata_section(cfg, section, path)
+        _refuse_unknown_keys(section, parser.defaults(), path)
     if parser.has_section("notifiers"):
         # Options of the embedded push proxy (notify_url = embedded), read by notifiers.settings.
         cfg.proxy_options = dict(parser["notifiers"])
     return cfg
 
 
-def _apply_metadata_section(cfg: Config, sec: configparser.SectionProxy, path: Path) -> None:
+class _AskedKeys:
+    """A section that remembers which keys the reader asked for: those are the known
+    ones, so the list of accepted keys is the reading code itself (no second copy)."""
+
+    def __init__(self, section: configparser.SectionProxy) -> None:
+        self.section = section
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        self.asked.add(key)
+        return self.section.get(key, default)
+
+
+def _refuse_unknown_keys(sec: _AskedKeys, inherited: Mapping[str, str], path: Path) -> None:
+    for key in sec.section:
+        if key in sec.asked or key in inherited:  # [DEFAULT] keys show up in every section
+            continue
+        close = difflib.get_close_matches(key, sorted(sec.asked), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{path}: [metadata] unknown key {key!r}{hint}")
+
+
+def _apply_metadata_section(cfg: Config, sec: _AskedKeys, path: Path) -> None:
+    """Read every key ``[metadata]`` knows (each one is asked for, present or not)."""
+
     def num(key: str, conv: type, default: object) -> object:
         raw = sec.get(key)
         if raw is None or not raw.strip():
@@ -137,10 +173,10 @@ def _apply_metadata_section(cfg: Config, sec: configparser.SectionProxy, path: P
             raise ConfigError(f"{path}: [metadata] {key} must be a finite, non-negative number")
         return value
 
-    if sec.get("database", "").strip():
-        cfg.database = Path(sec["database"].strip())
-    if sec.get("appversions_path", "").strip():
-        cfg.appversions_path = Path(sec["appversions_path"].strip())
+    if database := sec.get("database", "").strip():
+        cfg.database = Path(database)
+    if appversions := sec.get("appversions_path", "").strip():
+        cfg.appversions_path = Path(appversions)
     cfg.delivery_dict = sec.get("delivery_dict", "").strip() or None
     cfg.synchronous = sec.get("synchronous", cfg.synchronous).strip().upper()
     if cfg.synchronous not in {"NORMAL", "FULL", "EXTRA"}:

@@ -10,9 +10,11 @@ at a measured cost (see ``bench/``) and is a config switch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -68,6 +70,36 @@ def write_lock(path: str | Path) -> threading.Lock:
 def database_file(conn: sqlite3.Connection) -> str:
     """The file behind ``conn`` (empty for an in-memory database)."""
     return conn.execute("PRAGMA database_list").fetchone()[2]
+
+
+class Writer:
+    """The one way anything writes ``conn``: a transaction under the file's write lock.
+
+    The stores (:mod:`chatmaild.store`, :mod:`chatmaild.jobstore`) open every write
+    transaction here, so BEGIN IMMEDIATE / COMMIT / ROLLBACK and the lock exist once.
+    The lock is looked up on the first write: a store built for one statement inside
+    a caller's transaction (a job written in the dict commit) never needs it.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._lock: threading.Lock | None = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        if self._lock is None:
+            self._lock = write_lock(database_file(self.conn) or f":memory:{id(self.conn)}")
+        conn = self.conn
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # also when COMMIT itself failed
+                    conn.execute("ROLLBACK")
+                raise
 
 
 class DatabaseError(Exception):

@@ -139,13 +139,7 @@ def import_address(
         candidates[token] = max(ts, candidates.get(token, ts))
     if not candidates:
         return
-    existing = {
-        token: set_at
-        for token, set_at in store.conn.execute(
-            "SELECT token, set_at FROM tokens WHERE user=?", (addr,)
-        )
-        if policy.is_valid(set_at, now)
-    }
+    existing = store.valid_token_stamps(addr, now)
     merged = dict(existing)
     for token, ts in candidates.items():
         merged[token] = max(ts, merged.get(token, ts))

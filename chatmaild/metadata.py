@@ -26,7 +26,7 @@ from chatmail_common.digest import token_digest
 
 from . import dictproto as dp
 from .config import Limits
-from .serverkeys import SERVER_KEY_PREFIX, ServerKeys, server_key_name
+from .serverkeys import SERVER_KEY_PREFIX, STATIC_NAMES, ServerKeys, server_key_name
 from .store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class MetadataDict:
         parts = ev.prefix.split(b"/", 2)
         if len(parts) >= 2 and parts[0] == b"shared" and len(parts[1]) == 32:
             base = b"shared/" + parts[1] + b"/" + SERVER_KEY_PREFIX
-            for name in sorted(n for n in (b"irohrelay", b"maxsmtprecipients", b"appversions")):
+            for name in STATIC_NAMES:
                 key = base + name
                 if key.startswith(ev.prefix):
                     value = self.server_keys.static_value(name)
@@ -237,6 +237,8 @@ class MetadataDict:
             raise CommitRefused(
                 f"messagenew is only accepted from the delivery dict {self.delivery_dict!r}"
             )
+        # Pruning here (in the commit, under the write lock) keeps lookups read-only.
+        self.store.prune_tokens(ev.user, int(now))
         tokens = self.store.valid_tokens(ev.user, int(now))
         log.debug("new mail for %s: %d token(s)", ev.user, len(tokens))
         if tokens and self.hook is not None:

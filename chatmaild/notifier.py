@@ -3,10 +3,12 @@
 :class:`Notifier` is the dict server's :class:`~chatmaild.metadata.NewMailHook`.
 ``message_new`` writes jobs inside the dict commit's SQLite transaction (so the
 ``C`` reply means "on disk"), ``committed`` hands them to a :class:`DueQueue`
-served by worker threads.  Each worker owns its SQLite connection and its push
-transport (one keep-alive HTTP client), claims a job (counting the attempt first),
-pushes the token and records the verdict: SENT done, GONE delete that token,
-RETRY on the :class:`~chatmaild.jobqueue.RetryPolicy` schedule.
+served by worker threads.  Each worker opens its own
+:class:`~chatmaild.jobstore.JobStore` (with ``open_jobs``) and its push transport
+(one keep-alive HTTP client), claims a job (counting the attempt first), pushes the
+token and records the verdict: SENT done, GONE delete that token, RETRY on the
+:class:`~chatmaild.jobqueue.RetryPolicy` schedule.  The store does every write in
+its own transaction: the notifier knows no SQL, no lock and no table.
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from chatmail_common.digest import token_digest
 from chatmail_common.outcome import Outcome
 
-from . import jobqueue
-from .database import connect, write_lock
 from .duequeue import Closed, DueQueue
 from .jobqueue import Job, RetryPolicy
+from .jobstore import JobStore
 from .pushtransport import PushTransport
 from .relaymetrics import RelayMetrics
 
@@ -41,24 +41,23 @@ def _ticket(job: Job) -> Ticket:
 class Notifier:
     def __init__(
         self,
-        db_path: Path | str,
+        open_jobs: Callable[[], JobStore],
         transport_factory: Callable[[], PushTransport],
         workers: int = 12,
         policy: RetryPolicy | None = None,
         metrics: RelayMetrics | None = None,
-        synchronous: str = "NORMAL",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.db_path = db_path
+        """``open_jobs`` opens a job store on its own connection (called once per worker
+        thread and once at start), e.g. ``functools.partial(JobStore.open, path)``."""
+        self.open_jobs = open_jobs
         self.transport_factory = transport_factory
         self.workers = workers
         self.policy = policy or RetryPolicy()
         self.metrics = metrics or RelayMetrics()
-        self.synchronous = synchronous
         self.clock = clock
         # Items are (job id, user, token): a worker knows the job's key without a read.
         self.queue: DueQueue[Ticket] = DueQueue(clock)
-        self._write_lock = write_lock(db_path)
         self._staged: list[Job] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -70,7 +69,7 @@ class Notifier:
     def message_new(
         self, conn: sqlite3.Connection, user: str, tokens: list[str], now: float
     ) -> None:
-        jobs = jobqueue.enqueue(conn, user, tokens, now, self.policy)
+        jobs = JobStore(conn).enqueue(user, tokens, now, self.policy)
         coalesced = len(tokens) - len(jobs)
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
@@ -88,11 +87,11 @@ class Notifier:
     # -- life cycle ---------------------------------------------------------
     def start(self) -> int:
         """Resume every job on disk, then start the workers; returns the number resumed."""
-        conn = connect(self.db_path, self.synchronous)
+        store = self.open_jobs()
         try:
-            jobs = jobqueue.pending(conn)
+            jobs = store.pending()
         finally:
-            conn.close()
+            store.close()
         self.queue.put_many([(job.due, _ticket(job)) for job in jobs])
         for i in range(self.workers):
             t = threading.Thread(target=self._worker, name=f"notifier-{i}", daemon=True)
@@ -112,7 +111,7 @@ class Notifier:
 
     # -- workers ------------------------------------------------------------
     def _worker(self) -> None:
-        conn = connect(self.db_path, self.synchronous)
+        store = self.open_jobs()
         transport = self.transport_factory()
         try:
             while True:
@@ -121,15 +120,15 @@ class Notifier:
                 except Closed:
                     return
                 try:
-                    self._run(conn, transport, ticket)
+                    self._run(store, transport, ticket)
                 except Exception:  # a worker must survive anything one job does
                     log.exception("notifier job %d failed unexpectedly", ticket[0])
                     self.queue.put(self.clock() + self.policy.delays[0], ticket)
         finally:
             transport.close()
-            conn.close()
+            store.close()
 
-    def _run(self, conn: sqlite3.Connection, transport: PushTransport, ticket: Ticket) -> None:
+    def _run(self, store: JobStore, transport: PushTransport, ticket: Ticket) -> None:
         """One push at a time per (user, token): a job whose token is in flight waits.
 
         While it waits it stays unattempted, so further deliveries coalesce into it:
@@ -142,7 +141,7 @@ class Notifier:
                 return
             self._in_flight.add(key)
         try:
-            self._attempt(conn, transport, ticket[0])
+            self._attempt(store, transport, ticket[0])
         finally:
             with self._lock:
                 self._in_flight.discard(key)
@@ -150,64 +149,52 @@ class Notifier:
             for waiting in parked:
                 self.queue.put(self.clock(), waiting)
 
-    def _attempt(self, conn: sqlite3.Connection, transport: PushTransport, job_id: int) -> None:
-        with self._write_lock:
-            job = jobqueue.claim(conn, job_id)
+    def _attempt(self, store: JobStore, transport: PushTransport, job_id: int) -> None:
+        job = store.claim(job_id)
         if job is None:
             return  # finished, removed with its token, or never committed
         digest = token_digest(job.token)
         now = self.clock()
         if job.attempts > self.policy.max_attempts or now > job.deadline:
-            with self._write_lock:
-                jobqueue.finish(conn, job.id)
-            self.metrics.dropped.inc()
-            log.error(
-                "push to %s for %s dropped: %d attempt(s), deadline passed=%s",
-                digest,
-                job.user,
-                job.attempts - 1,
-                now > job.deadline,
-            )
+            # Claimed after a restart with nothing left: this claim sends nothing.
+            why = "deadline passed" if now > job.deadline else "no attempt left"
+            self._drop(store, job, digest, f"not sent, {why}", job.attempts - 1)
             return
         start = time.perf_counter()
         answer = transport.push(job.token)
         self.metrics.latency.observe(time.perf_counter() - start)
         if answer.outcome is Outcome.SENT:
-            with self._write_lock:
-                jobqueue.finish(conn, job.id)
+            store.finish(job.id)
             self.metrics.sent.inc()
             log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
         elif answer.outcome is Outcome.GONE:
-            with self._write_lock:
-                removed, _ = jobqueue.remove_token(conn, job.user, job.token)
+            removed, _ = store.remove_token(job.user, job.token)
             self.metrics.tokens_removed.inc(int(removed))
             log.info("push to %s for %s: token gone (%s), removed", digest, job.user, answer.detail)
         else:
-            self._retry(conn, job, digest, answer.detail)
+            self._retry(store, job, digest, answer.detail)
 
-    def _retry(self, conn: sqlite3.Connection, job: Job, digest: str, outcome: str) -> None:
+    def _retry(self, store: JobStore, job: Job, digest: str, detail: str) -> None:
         due = self.policy.next_due(job.attempts, job.deadline, self.clock())
         if due is None:
-            with self._write_lock:
-                jobqueue.finish(conn, job.id)
-            self.metrics.dropped.inc()
-            log.error(
-                "push to %s for %s failed: %s; dropped after %d attempt(s)",
-                digest,
-                job.user,
-                outcome,
-                job.attempts,
-            )
+            self._drop(store, job, digest, f"failed: {detail}", job.attempts)
             return
-        with self._write_lock:
-            jobqueue.reschedule(conn, job.id, due)
+        store.reschedule(job.id, due)
         self.metrics.retried.inc()
         log.warning(
             "push to %s for %s failed: %s; retry %d in %.0f s",
             digest,
             job.user,
-            outcome,
+            detail,
             job.attempts,
             due - self.clock(),
         )
         self.queue.put(due, _ticket(job))
+
+    def _drop(self, store: JobStore, job: Job, digest: str, why: str, attempts: int) -> None:
+        """The job's attempts or deadline are used up: delete it, count it, say why."""
+        store.finish(job.id)
+        self.metrics.dropped.inc()
+        log.error(
+            "push to %s for %s %s; dropped after %d attempt(s)", digest, job.user, why, attempts
+        )

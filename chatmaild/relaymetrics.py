@@ -52,30 +52,20 @@ class _DictStatsCollector(Collector):
 class RelayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.queued = Counter(
-            "chatmail_push_jobs_queued", "Push jobs written to the queue", registry=r
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"chatmail_push_{name}", doc, registry=r)
+
+        self.queued = counter("jobs_queued", "Push jobs written to the queue")
+        self.coalesced = counter(
+            "jobs_coalesced", "New-mail events absorbed by a queued, not yet attempted job"
         )
-        self.coalesced = Counter(
-            "chatmail_push_jobs_coalesced",
-            "New-mail events absorbed by a queued, not yet attempted job",
-            registry=r,
+        self.sent = counter("jobs_sent", "Push jobs the proxy accepted (200)")
+        self.retried = counter("jobs_retried", "Push attempts that failed and were rescheduled")
+        self.dropped = counter(
+            "jobs_dropped", "Push jobs dropped after their last attempt or deadline"
         )
-        self.sent = Counter(
-            "chatmail_push_jobs_sent", "Push jobs the proxy accepted (200)", registry=r
-        )
-        self.retried = Counter(
-            "chatmail_push_jobs_retried",
-            "Push attempts that failed and were rescheduled",
-            registry=r,
-        )
-        self.dropped = Counter(
-            "chatmail_push_jobs_dropped",
-            "Push jobs dropped after their last attempt or deadline",
-            registry=r,
-        )
-        self.tokens_removed = Counter(
-            "chatmail_push_tokens_removed", "Device tokens removed after a 410 answer", registry=r
-        )
+        self.tokens_removed = counter("tokens_removed", "Device tokens removed after a 410 answer")
         self.queue_depth = Gauge(
             "chatmail_push_queue_depth", "Push jobs waiting in the in-memory queue", registry=r
         )

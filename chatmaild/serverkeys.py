@@ -19,7 +19,12 @@ log = logging.getLogger(__name__)
 SERVER_KEY_PREFIX = b"vendor/vendor.dovecot/pvt/server/vendor/deltachat/"
 TURN_PORT = 3478
 TURN_TIMEOUT = 5.0
-NAMES = frozenset({b"irohrelay", b"turn", b"maxsmtprecipients", b"appversions"})
+#: Names answered from configuration; listings (``I``) show these, sorted.
+STATIC_NAMES = (b"appversions", b"irohrelay", b"maxsmtprecipients")
+#: Answered by asking the TURN helper (I/O), so only on a lookup, never in a listing.
+TURN = b"turn"
+#: Every served name; the one copy of the list (the README prints it for users).
+NAMES = frozenset({*STATIC_NAMES, TURN})
 
 
 def server_key_name(key: bytes) -> bytes | None:

@@ -1,8 +1,11 @@
 """Attribute and device-token storage on top of :mod:`chatmaild.database`.
 
-Pure data access: no protocol, no key parsing.  Every method that writes expects
-to run inside a transaction opened with :meth:`MetadataStore.transaction`, so one
-dict commit is one SQLite transaction.
+Pure data access: no protocol, no key parsing, and every SQL statement on the
+``attributes`` and ``tokens`` tables.  Every method that writes expects to run
+inside a transaction opened with :meth:`MetadataStore.transaction`, so one dict
+commit is one SQLite transaction.  Reads never write: expired tokens are filtered
+out by the query and deleted by :meth:`MetadataStore.prune_tokens` in a commit,
+so a lookup on the event loop never waits for the write lock.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .database import database_file, write_lock
+from .database import Writer
 
 TOKEN_VALIDITY = 90 * 24 * 3600  # seconds after the last set
 TOKEN_FUTURE_GUARD = 60  # a timestamp further in the future is invalid
@@ -28,6 +31,10 @@ class TokenPolicy:
     def is_valid(self, set_at: int, now: int) -> bool:
         return now - self.validity < set_at < now + self.future_guard
 
+    def window(self, now: int) -> tuple[int, int]:
+        """Valid ``set_at`` lie strictly between these two (the SQL form of :meth:`is_valid`)."""
+        return now - self.validity, now + self.future_guard
+
 
 class MetadataStore:
     """Generic attributes (``priv/...``, ``shared/...``) and device tokens per user."""
@@ -35,21 +42,13 @@ class MetadataStore:
     def __init__(self, conn: sqlite3.Connection, policy: TokenPolicy | None = None) -> None:
         self.conn = conn
         self.policy = policy or TokenPolicy()
-        self._write_lock = write_lock(database_file(conn) or f":memory:{id(conn)}")
+        self._writer = Writer(conn)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
-        conn = self.conn
-        with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # also when COMMIT itself failed
-                    conn.execute("ROLLBACK")
-                raise
+        """One atomic write transaction (see :class:`chatmaild.database.Writer`)."""
+        with self._writer.transaction() as conn:
+            yield conn
 
     # -- attributes -------------------------------------------------------
     def get_attribute(self, user: str, key: bytes) -> bytes | None:
@@ -96,20 +95,29 @@ class MetadataStore:
 
     # -- device tokens ----------------------------------------------------
     def valid_tokens(self, user: str, now: int) -> list[str]:
-        """Valid tokens in first-set order; invalid ones found on the way are deleted."""
+        """Valid tokens in first-set order (read only: invalid ones are merely skipped)."""
+        low, high = self.policy.window(now)
         rows = self.conn.execute(
-            "SELECT token, set_at FROM tokens WHERE user=? ORDER BY created, rowid", (user,)
+            "SELECT token FROM tokens WHERE user=? AND set_at>? AND set_at<? "
+            "ORDER BY created, rowid",
+            (user, low, high),
         ).fetchall()
-        valid = [tok for tok, set_at in rows if self.policy.is_valid(set_at, now)]
-        if len(valid) != len(rows):
-            self._prune(user, now)
-        return valid
+        return [tok for (tok,) in rows]
+
+    def valid_token_stamps(self, user: str, now: int) -> dict[str, int]:
+        """Valid tokens and when each was last set (the importer merges by timestamp)."""
+        low, high = self.policy.window(now)
+        rows = self.conn.execute(
+            "SELECT token, set_at FROM tokens WHERE user=? AND set_at>? AND set_at<?",
+            (user, low, high),
+        )
+        return dict(rows)
 
     def token_guids(self, user: str, now: int) -> list[str]:
         """Mailbox GUIDs under which the user's valid tokens were set (for listings)."""
         rows = self.conn.execute(
             "SELECT DISTINCT guid FROM tokens WHERE user=? AND set_at>? AND set_at<? ORDER BY guid",
-            (user, now - self.policy.validity, now + self.policy.future_guard),
+            (user, *self.policy.window(now)),
         ).fetchall()
         return [g for (g,) in rows]
 
@@ -122,7 +130,7 @@ class MetadataStore:
             " touched=excluded.touched",
             (user, token, guid, now, now, user),
         )
-        self._prune(user, now)
+        self.prune_tokens(user, now)
         self.conn.execute(
             "DELETE FROM tokens WHERE user=? AND rowid NOT IN ("
             " SELECT rowid FROM tokens WHERE user=? ORDER BY set_at DESC, touched DESC LIMIT ?)",
@@ -153,11 +161,12 @@ class MetadataStore:
             "DELETE FROM tokens WHERE user=? AND (guid=? OR guid='')", (user, guid)
         ).rowcount
 
-    def _prune(self, user: str, now: int) -> None:
-        self.conn.execute(
+    def prune_tokens(self, user: str, now: int) -> int:
+        """Delete the user's invalid tokens (inside a transaction); how many went."""
+        return self.conn.execute(
             "DELETE FROM tokens WHERE user=? AND (set_at<=? OR set_at>=?)",
-            (user, now - self.policy.validity, now + self.policy.future_guard),
-        )
+            (user, *self.policy.window(now)),
+        ).rowcount
 
 
 def _prefix_upper_bound(prefix: bytes) -> bytes | None:

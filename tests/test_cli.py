@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,35 +97,58 @@ def test_missing_database_directory(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_unwritable_database_directory(tmp_path):
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user can enter (pytest's tmp_path is 0700 to root)."""
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base)
+
+
+def run_unable_to_write(locked: Path, args) -> subprocess.CompletedProcess:
+    """Run with ``locked`` unwritable for the child.  Root ignores permissions, so as
+    root the child runs as nobody, to whom everything root-owned and 0755 is read-only."""
     if os.geteuid() != 0:
-        (tmp_path / "mb").mkdir()
-        ini = write_ini(tmp_path, tmp_path / "mb")
-        (tmp_path / "mb").chmod(0o555)
+        locked.chmod(0o555)
         try:
-            assert_clean_error(run([tmp_path / "s", ini]), "cannot open database")
+            return run(args)
         finally:
-            (tmp_path / "mb").chmod(0o755)
-        return
+            locked.chmod(0o755)
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv to drop root privileges")
-    # root ignores permissions: run as nobody on a root-owned, world-readable directory
-    base = Path(tempfile.mkdtemp())
-    try:
-        base.chmod(0o755)
-        (base / "mb").mkdir(mode=0o755)
-        ini = write_ini(base, base / "mb")
-        ini.chmod(0o644)
-        setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-        proc = subprocess.run(
-            [*setpriv, *command(), str(base / "s"), str(ini)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert_clean_error(proc, "cannot open database")
-    finally:
-        shutil.rmtree(base)
+    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    return subprocess.run(
+        [*setpriv, *command(), *map(str, args)], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_unwritable_database_directory(shared_dir):
+    (shared_dir / "mb").mkdir(mode=0o755)
+    ini = write_ini(shared_dir, shared_dir / "mb")
+    proc = run_unable_to_write(shared_dir / "mb", [shared_dir / "s", ini])
+    assert_clean_error(proc, "cannot open database")
+
+
+def test_socket_in_unwritable_directory_names_the_socket(shared_dir):
+    mailboxes = shared_dir / "mb"
+    mailboxes.mkdir()
+    mailboxes.chmod(0o777)  # the database can be created, the socket cannot
+    (shared_dir / "run").mkdir(mode=0o755)
+    sock = shared_dir / "run" / "metadata.socket"
+    proc = run_unable_to_write(shared_dir / "run", [sock, write_ini(shared_dir, mailboxes)])
+    assert_clean_error(proc, f"cannot listen on socket {sock}: Permission denied")
+
+
+@pytest.mark.parametrize("mode", ["9999", "rw-rw----", "17777", ""])
+def test_socket_mode_must_be_octal(tmp_path, mode):
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    proc = run([tmp_path / "metadata.socket", ini, "--socket-mode", mode])
+    assert proc.returncode == 2, proc.stderr  # a usage error, as argparse reports them
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"--socket-mode: expected an octal mode such as 0660, got {mode!r}" in last
+    assert "<lambda>" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_socket_in_missing_directory(tmp_path):

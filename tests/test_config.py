@@ -13,6 +13,7 @@ from chatmaild.config import (
     ConfigError,
     read_config,
 )
+from chatmaild.jobqueue import RetryPolicy
 
 UPSTREAM_INI = """\
 [params]
@@ -262,6 +263,51 @@ def test_non_finite_or_negative_numbers_rejected(tmp_path, line):
     path = upstream(tmp_path)
     path.write_text(path.read_text() + f"\n[metadata]\n{line}\n")
     assert_one_line_error(path, r"\[metadata\]")
+
+
+@pytest.mark.parametrize(
+    ("line", "hint"),
+    [
+        ("notify_retry_delay = 1 2 3", "notify_retry_delays"),  # a typo
+        ("max_attribute = 7", "max_attributes"),
+        ("turn_socket_path = /run/t.socket", None),  # a [params] key in the wrong section
+    ],
+)
+def test_unknown_metadata_key_is_an_error(tmp_path, line, hint):
+    """Like [notifiers]: a typo must not silently keep the default."""
+    path = upstream(tmp_path)
+    path.write_text(path.read_text() + f"\n[metadata]\ndelivery_dict = lmtp\n{line}\n")
+    key = line.split()[0]
+    msg = assert_one_line_error(path, rf"\[metadata\] unknown key '{key}'")
+    assert msg.startswith(f"{path}: ")
+    if hint is not None:
+        assert f"did you mean {hint!r}" in msg
+
+
+def test_every_metadata_key_read_is_accepted(tmp_path):
+    """The keys README.md documents, plus appversions_path and max_smtp_recipients."""
+    path = upstream(tmp_path)
+    appversions = tmp_path / "appversions.json"
+    path.write_text(
+        path.read_text() + "\n[metadata]\n"
+        f"appversions_path = {appversions}\n"
+        "max_smtp_recipients = 50\n"
+        "database =\n"
+        "delivery_dict = lmtp\n"
+        "max_attributes = 256\n"
+        "max_value_bytes = 65536\n"
+        "max_line_bytes = 1048576\n"
+        "notify_url = embedded\n"
+        "notify_workers = 12\n"
+        "notify_timeout = 60\n"
+        "notify_retry_delays = 8 64 512 4096\n"
+        "notify_max_attempts = 5\n"
+        "notify_deadline = 18000\n"
+        "synchronous = NORMAL\n"
+    )
+    cfg = read_config(path)
+    assert cfg.appversions_path == appversions
+    assert cfg.notifier.retry_policy() == RetryPolicy()
 
 
 def test_readme_ini_example_parses(tmp_path):

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import json
+import sqlite3
 
 import pytest
 from helpers_chatmaild import (
@@ -299,9 +300,41 @@ def test_token_future_guard(s, clock):
     s.set(priv("devicetoken"), b"future")
     clock.now = T0  # the clock stepped back 100 s: more than 60 s in the future
     assert s.lookup(priv("devicetoken")) == b"N\n"
-    clock.now = T0 + 41
+    clock.now = T0 + 41  # now 59 s ahead, so valid: the lookup above only filtered it out
     s.set(priv("devicetoken"), b"ok")  # pruning on add must not hurt a valid token
-    assert s.lookup(priv("devicetoken")) == b"Ook\n"
+    assert s.lookup(priv("devicetoken")) == b"Ook future\n"
+
+
+def test_lookup_of_expired_tokens_does_not_wait_for_a_writer(tmp_path, s, clock):
+    """A lookup must never write: behind another writer it would block the event loop."""
+    s.set(priv("devicetoken"), b"old")
+    clock.advance(90 * DAY)
+    store = s.backend.store
+    # A write would now fail after 0.2 s ("database is locked") instead of blocking 30 s.
+    store.conn.execute("PRAGMA busy_timeout=200")
+    other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    try:
+        assert s.lookup(priv("devicetoken")) == b"N\n"
+        assert s.iterate(priv("")) == b"\n"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert tokens_on_disk(store) == 1  # left for the next commit to prune
+
+
+def test_messagenew_prunes_expired_tokens_in_its_commit(s, hook, clock):
+    s.set(priv("devicetoken"), b"old")
+    clock.advance(90 * DAY)
+    s.set(priv("devicetoken"), b"fresh", user=BOB)
+    assert tokens_on_disk(s.backend.store) == 2
+    assert s.set(priv("messagenew"), b"") == OK
+    assert tokens_on_disk(s.backend.store) == 1
+    assert hook.calls == []
+
+
+def tokens_on_disk(store) -> int:
+    return store.conn.execute("SELECT count(*) FROM tokens").fetchone()[0]
 
 
 # ---------------------------------------------------------------------------

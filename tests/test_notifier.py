@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from chatmaild import dictproto as dp
-from chatmaild import jobqueue
 from chatmaild.config import read_config
 from chatmaild.database import connect
 from chatmaild.jobqueue import RetryPolicy
+from chatmaild.jobstore import JobStore
 from chatmaild.metadata import MetadataDict
 from chatmaild.notifier import Notifier
 from chatmaild.pushtransport import HttpPushTransport
@@ -37,7 +37,10 @@ class Relay:
         self.conn = connect(self.db_path)
         self.store = MetadataStore(self.conn)
         self.notifier = Notifier(
-            self.db_path, lambda: HttpPushTransport(url, timeout=2.0), workers, policy
+            lambda: JobStore.open(self.db_path),
+            lambda: HttpPushTransport(url, timeout=2.0),
+            workers,
+            policy,
         )
         self.backend = MetadataDict(
             self.store, ServerKeys(read_config(ini)), hook=self.notifier, delivery_dict="lmtp"
@@ -63,7 +66,7 @@ class Relay:
         return self.store.valid_tokens(user, int(time.time()))
 
     def jobs(self) -> int:
-        return jobqueue.count(self.conn)
+        return JobStore(self.conn).count()
 
     def close(self) -> None:
         self.notifier.stop()
@@ -119,7 +122,7 @@ def test_job_is_on_disk_before_commit_reply(tmp_path: Path) -> None:
         r.add_token("tok-a")
         assert r.new_mail().startswith(b"O")
         other = connect(r.db_path)
-        assert jobqueue.count(other) == 1
+        assert JobStore(other).count() == 1
         other.close()
     finally:
         r.conn.close()

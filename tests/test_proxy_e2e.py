@@ -23,6 +23,7 @@ from chatmaild import dictproto as dp
 from chatmaild.config import read_config
 from chatmaild.database import connect
 from chatmaild.jobqueue import RetryPolicy
+from chatmaild.jobstore import JobStore
 from chatmaild.metadata import MetadataDict
 from chatmaild.notifier import Notifier
 from chatmaild.pushtransport import EmbeddedPushTransport
@@ -89,7 +90,9 @@ class EmbeddedRelay:
         self.conn = connect(db)
         self.store = MetadataStore(self.conn)
         policy = RetryPolicy(delays=(0.2,) * 4, max_attempts=5, deadline=60)
-        self.notifier = Notifier(db, lambda: EmbeddedPushTransport(self.proxy, 10.0), 4, policy)
+        self.notifier = Notifier(
+            lambda: JobStore.open(db), lambda: EmbeddedPushTransport(self.proxy, 10.0), 4, policy
+        )
         self.notifier.start()
         self.backend = MetadataDict(self.store, ServerKeys(read_config(ini)), hook=self.notifier)
         self.txid = 0

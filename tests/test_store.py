@@ -1,13 +1,17 @@
-"""MetadataStore and TokenPolicy on a real SQLite database."""
+"""MetadataStore, TokenPolicy and JobStore on a real SQLite database."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 from helpers_chatmaild import DAY, T0
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatmaild.database import DatabaseError, connect
+from chatmaild.database import DatabaseError, connect, write_lock
+from chatmaild.jobqueue import RetryPolicy
+from chatmaild.jobstore import JobStore
 from chatmaild.store import MetadataStore, TokenPolicy
 
 
@@ -199,8 +203,31 @@ def test_validity_window(store):
         store.add_token("a", "tok", T0)
     assert store.valid_tokens("a", T0 + 90 * DAY - 1) == ["tok"]
     assert store.valid_tokens("a", T0 + 90 * DAY) == []
-    # looking it up expired pruned it for good
+    assert store.valid_tokens("a", T0) == ["tok"]  # a lookup only filters
+    with store.transaction():
+        assert store.prune_tokens("a", T0 + 90 * DAY) == 1
+    assert store.valid_tokens("a", T0) == []  # pruning in a commit removes it for good
+
+
+def test_token_reads_never_write(store):
+    """Lookups run on the dict server's event loop: a write there would wait for the
+    write lock (and SQLite's 30 s busy timeout) behind any writer."""
+    with store.transaction():
+        store.import_token("a", "expired", T0 - 90 * DAY)
+        store.import_token("a", "future", T0 + 3600)
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+
+    def only_selects() -> bool:
+        return bool(statements) and all(sql.lstrip().startswith("SELECT") for sql in statements)
+
     assert store.valid_tokens("a", T0) == []
+    assert store.token_guids("a", T0) == []
+    assert only_selects(), statements
+    assert store.valid_token_stamps("a", T0) == {}
+    assert only_selects(), statements
+    store.conn.set_trace_callback(None)
+    assert store.conn.execute("SELECT count(*) FROM tokens").fetchone()[0] == 2
 
 
 def test_future_guard(store):
@@ -251,3 +278,56 @@ def test_connect_garbage_file(tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(DatabaseError):
         connect(path)
+
+
+# ---------------------------------------------------------------------------
+# job store
+
+
+def test_job_store_coalesces_and_counts_attempts_before_sending(store):
+    jobs = JobStore(store.conn)
+    policy = RetryPolicy()
+    with store.transaction():
+        (job,) = jobs.enqueue("a", ["t1"], T0, policy)
+        assert jobs.enqueue("a", ["t1"], T0 + 1, policy) == []  # fresh job absorbs it
+    assert jobs.claim(job.id).attempts == 1
+    with store.transaction():
+        assert len(jobs.enqueue("a", ["t1"], T0 + 2, policy)) == 1  # claimed: absorbs nothing
+    assert jobs.count() == 2
+    jobs.finish(job.id)
+    assert jobs.claim(job.id) is None
+    assert [j.attempts for j in jobs.pending()] == [0]
+
+
+def test_job_store_removes_a_dead_token_with_its_jobs_only(store):
+    jobs = JobStore(store.conn)
+    with store.transaction():
+        for user in ("a", "b"):
+            for token in ("dead", "alive"):
+                store.add_token(user, token, T0)
+            jobs.enqueue(user, ["dead", "alive"], T0, RetryPolicy())
+    assert jobs.remove_token("a", "dead") == (True, 1)
+    assert jobs.remove_token("a", "dead") == (False, 0)
+    assert store.valid_tokens("a", T0) == ["alive"]
+    assert store.valid_tokens("b", T0) == ["dead", "alive"]
+    assert sorted((j.user, j.token) for j in jobs.pending()) == [
+        ("a", "alive"),
+        ("b", "alive"),
+        ("b", "dead"),
+    ]
+
+
+def test_job_store_writes_wait_for_the_process_write_lock(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    jobs = JobStore.open(path)
+    with MetadataStore(jobs.conn).transaction():
+        (job,) = jobs.enqueue("a", ["t"], T0, RetryPolicy())
+    claimed: list[object] = []
+    with write_lock(path):
+        worker = threading.Thread(target=lambda: claimed.append(jobs.claim(job.id)))
+        worker.start()
+        worker.join(0.2)
+        assert worker.is_alive() and claimed == []  # queued on the lock, not on SQLite
+    worker.join(5)
+    assert claimed[0].attempts == 1
+    jobs.close()

@@ -1,0 +1,108 @@
+"""The durable push-job queue on disk: every SQL statement on the ``jobs`` table.
+
+A job's row is written in the same SQLite transaction as the dict commit that
+reported the new mail, so the ``C`` reply to Dovecot is only sent once the job is
+on disk, and nothing acknowledged is lost on ``kill -9``.
+
+Life of a row:
+
+* inserted with ``attempts = 0`` and ``due = created`` (send at once).  A partial
+  unique index allows one such fresh row per (user, token): a second delivery
+  while the first push has not been attempted adds nothing (coalescing);
+* claimed by a worker: ``attempts`` is incremented (and committed) *before* the
+  request is sent, so a crash mid-request never repeats an attempt silently, and a
+  claimed job no longer absorbs new deliveries (the phone may already have fetched);
+* finished (200), or removed with its token (410), or rescheduled with the next
+  retry delay, or dropped when the attempts or the deadline are used up.
+
+:class:`JobStore` is all the notifier knows of storage: each worker thread opens
+its own (SQLite connections stay in their thread) and calls its methods; every
+write is one transaction of :class:`chatmaild.database.Writer`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from .database import Writer, connect
+from .jobqueue import Job, RetryPolicy
+from .store import MetadataStore
+
+_JOB_COLUMNS = "id, user, token, deadline, due, attempts"
+
+
+class JobStore:
+    """Push jobs on one connection; a dead token is removed through :class:`MetadataStore`."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._writer = Writer(conn)
+        self._tokens = MetadataStore(conn)
+
+    @classmethod
+    def open(cls, path: Path | str, synchronous: str = "NORMAL") -> JobStore:
+        """A store on its own connection (one per worker thread); :meth:`close` it."""
+        return cls(connect(path, synchronous))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- inside the dict commit's transaction ------------------------------
+    def enqueue(
+        self, user: str, tokens: Iterable[str], now: float, policy: RetryPolicy
+    ) -> list[Job]:
+        """Insert one fresh job per token (inside the caller's transaction); return the new ones.
+
+        Tokens that already have a fresh (never attempted) job are coalesced: no row, no job.
+        """
+        deadline = now + policy.deadline
+        new: list[Job] = []
+        for token in tokens:
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO jobs(user, token, created, deadline, due, attempts) "
+                "VALUES (?,?,?,?,?,0)",
+                (user, token, now, deadline, now),
+            )
+            if cur.rowcount:
+                new.append(Job(cur.lastrowid, user, token, deadline, now, 0))
+        return new
+
+    # -- the workers' operations, each its own transaction -----------------
+    def claim(self, job_id: int) -> Job | None:
+        """Count an attempt before it is made; None if the job is gone (finished or dropped)."""
+        with self._writer.transaction() as conn:
+            rows = conn.execute(  # fetchall: the statement is done before COMMIT
+                f"UPDATE jobs SET attempts = attempts + 1 WHERE id=? RETURNING {_JOB_COLUMNS}",
+                (job_id,),
+            ).fetchall()
+        return Job(*rows[0]) if rows else None
+
+    def finish(self, job_id: int) -> None:
+        """The job is done: sent, or dropped after its last attempt."""
+        with self._writer.transaction() as conn:
+            conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def reschedule(self, job_id: int, due: float) -> None:
+        with self._writer.transaction() as conn:
+            conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
+
+    def remove_token(self, user: str, token: str) -> tuple[bool, int]:
+        """410: delete exactly that token of that user and every job still owed to it.
+
+        True if the token was still stored, and the number of jobs deleted.
+        """
+        with self._writer.transaction() as conn:
+            removed = self._tokens.remove_token(user, token)
+            jobs = conn.execute("DELETE FROM jobs WHERE user=? AND token=?", (user, token)).rowcount
+        return removed, jobs
+
+    # -- reads --------------------------------------------------------------
+    def pending(self) -> list[Job]:
+        """Every job on disk, for the queue to resume after a restart."""
+        rows = self.conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY due").fetchall()
+        return [Job(*row) for row in rows]
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
