@@ -196,10 +196,10 @@ def _apply_metadata_section(cfg: Config, sec: _AskedKeys, path: Path) -> None:
     if delays:
         try:
             n.retry_delays = tuple(float(x) for x in delays.replace(",", " ").split())
-            if not all(math.isfinite(d) and d >= 0 for d in n.retry_delays):
+            if not n.retry_delays or not all(math.isfinite(d) and d >= 0 for d in n.retry_delays):
                 raise ValueError
         except ValueError:
             raise ConfigError(
-                f"{path}: [metadata] notify_retry_delays must be non-negative numbers, "
+                f"{path}: [metadata] notify_retry_delays must be one or more non-negative numbers, "
                 f"got {delays!r}"
             ) from None

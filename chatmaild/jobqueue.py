@@ -19,11 +19,15 @@ class RetryPolicy:
     max_attempts: int = 5
     deadline: float = 5 * 3600.0
 
+    def __post_init__(self) -> None:
+        # The last delay repeats for attempts past the list, and a worker that hits an
+        # unexpected error retries after the first one: an empty list has neither.
+        if not self.delays:
+            raise ValueError("a retry policy needs at least one delay (max_attempts=1: no retry)")
+
     def next_due(self, attempts: int, deadline: float, now: float) -> float | None:
         """When to try again after ``attempts`` failed attempts, or None to drop the job."""
         if attempts >= self.max_attempts:
-            return None
-        if not self.delays:
             return None
         delay = self.delays[min(attempts, len(self.delays)) - 1] if attempts > 0 else 0.0
         due = now + delay

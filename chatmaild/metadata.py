@@ -26,7 +26,7 @@ from chatmail_common.digest import token_digest
 
 from . import dictproto as dp
 from .config import Limits
-from .serverkeys import SERVER_KEY_PREFIX, STATIC_NAMES, ServerKeys, server_key_name
+from .serverkeys import SERVER_KEY_PREFIX, STATIC_NAMES, TURN, ServerKeys, server_key_name
 from .store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class MetadataDict:
         """The reply, or an awaitable of it when I/O is needed (TURN)."""
         name = server_key_name(ev.key)
         if name is not None:
-            if name == b"turn":
+            if name == TURN:
                 return self._turn_reply()
             return dp.lookup_result(self.server_keys.static_value(name))
         parts = split_key(ev.key)

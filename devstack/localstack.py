@@ -89,7 +89,9 @@ def run(args: argparse.Namespace, binary: str) -> int:
             run_dir = make_run_dir(prefix="chatmail-local-")
             cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
         else:
-            run_dir = args.run_dir.resolve()
+            # scripts/run-local changed to the repository root; resolve against the caller's cwd.
+            caller = Path(os.environ.get("RUN_LOCAL_CALLER_DIR", "."))
+            run_dir = (caller / args.run_dir).resolve()
             run_dir.mkdir(parents=True, exist_ok=True)
             run_dir.chmod(0o755)  # Dovecot's mail processes (nobody) must reach the socket
         dovecot = DovecotInstance(run_dir, binary)

@@ -246,6 +246,9 @@ def test_garbage_file(tmp_path, content):
         "notify_max_attempts = -2",
         "notify_deadline = 5h",
         "notify_retry_delays = 8 sixty-four",
+        # no delay at all: a worker's fallback delay would not exist (notify_max_attempts = 1
+        # is how to switch retries off)
+        "notify_retry_delays = ,",
         "synchronous = sometimes",
     ],
 )

@@ -98,6 +98,8 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
 
 def test_retry_policy_schedule_matches_upstream() -> None:
     p = RetryPolicy()
+    with pytest.raises(ValueError, match="at least one delay"):
+        RetryPolicy(delays=())
     assert [p.next_due(k, 1e9, 0.0) for k in range(1, 5)] == [8.0, 64.0, 512.0, 4096.0]
     assert p.next_due(5, 1e9, 0.0) is None
     assert p.next_due(1, deadline=5.0, now=0.0) is None  # past the deadline
