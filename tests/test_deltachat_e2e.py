@@ -171,8 +171,10 @@ def _embedded_proxy_forwards() -> bool:
 def test_core_token_reaches_upstream_through_embedded_proxy(relay, sink, smtp_sink, core):
     """``notify_url = embedded`` in front of the central service: no local key opens a
     stock client's token, so the embedded proxy forwards the ciphertext unchanged."""
-    # A short window in case forwarding sends on the trailing edge only.
-    forwarding = {"upstream_url": sink.url, "debounce_seconds": "1"}
+    # UBports needs no credentials and is on by default, with a public URL: off, so the
+    # only way out of the embedded proxy is the loopback upstream. A short debounce
+    # window in case forwarding sends on the trailing edge only.
+    forwarding = {"upstream_url": sink.url, "ubports": "false", "debounce_seconds": "1"}
     loopback_relay(relay, {"notify_url": "embedded"}, notifiers=forwarding)
     phone = bring_online(relay, core, smtp_sink)
     assert_client_format(phone.ciphertext)
