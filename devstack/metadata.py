@@ -82,14 +82,18 @@ class MetadataServer(LogFile):
         ]
 
     def fresh(
-        self, params: dict[str, str] | None = None, metadata: dict[str, str] | None = None
+        self,
+        params: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+        notifiers: dict[str, str] | None = None,
     ) -> None:
-        """Restart with a new, empty database and the given extra ini settings."""
+        """Restart with a new, empty database and the given extra ini settings (only those)."""
         self.stop()
         self._generation += 1
         self.db_path = self.run_dir / f"metadata-{self._generation}.sqlite3"
-        self.params = {k: str(v) for k, v in (params or {}).items()}
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.params = _strings(params)
+        self.metadata = _strings(metadata)
+        self.notifiers = _strings(notifiers)
         self.start()
 
     def start(self) -> None:
@@ -124,14 +128,19 @@ class MetadataServer(LogFile):
             self.socket_path.unlink()
 
     def restart(
-        self, params: dict[str, str] | None = None, metadata: dict[str, str] | None = None
+        self,
+        params: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+        notifiers: dict[str, str] | None = None,
     ) -> None:
-        """Stop and start again with the same database (optionally new ini settings)."""
+        """Stop and start again with the same database; a section given replaces the old one."""
         self.stop()
         if params is not None:
-            self.params = {k: str(v) for k, v in params.items()}
+            self.params = _strings(params)
         if metadata is not None:
-            self.metadata = {k: str(v) for k, v in metadata.items()}
+            self.metadata = _strings(metadata)
+        if notifiers is not None:
+            self.notifiers = _strings(notifiers)
         self.start()
 
     @property
@@ -157,3 +166,8 @@ class MetadataServer(LogFile):
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
             rows = conn.execute("SELECT key FROM attributes WHERE user=?", (user,)).fetchall()
         return sorted(bytes(k) if not isinstance(k, bytes) else k for (k,) in rows)
+
+
+def _strings(values: dict[str, object] | None) -> dict[str, str]:
+    """Ini values as text (tests pass numbers)."""
+    return {k: str(v) for k, v in (values or {}).items()}
