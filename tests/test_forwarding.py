@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers_proxy import APNS, Recording, sample
 
 from devstack.loopback import free_port
 from devstack.openpgp_tokens import encrypt_token, generate_key, write_keyring
@@ -19,27 +20,9 @@ from notifiers.app import make_app
 from notifiers.debounce import Debouncer
 from notifiers.forwarding import Upstream, upstream_url
 from notifiers.openpgp import Keyring, OpenPgpDecryptor
-from notifiers.providers.base import Delivery, Provider
 from notifiers.service import NotifyService
 from notifiers.settings import settings_from_mapping
 from notifiers.tokens import Kind
-
-APNS = "0155b93b7eb8" + "ab" * 26
-
-
-class Recording(Provider):
-    def __init__(self, name: str = "APNS") -> None:
-        self.name = name
-        self.sent: list[str] = []
-
-    async def send(self, token):
-        self.sent.append(token.raw)
-        return Delivery.sent()
-
-
-def sample(metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if value is None else value
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from helpers_proxy import APNS, Recording, sample
 
 from devstack.openpgp_tokens import (
     encrypt_raw,
@@ -43,12 +44,11 @@ from notifiers.openpgp import (
     UnknownRecipient,
     pkesk_recipient,
 )
-from notifiers.providers.base import Delivery, Outcome, Provider
+from notifiers.providers.base import Outcome
 from notifiers.service import NotifyService
 from notifiers.settings import ProxySettings, settings_from_mapping
 from notifiers.tokens import Kind
 
-APNS = "0155b93b7eb8" + "ab" * 26
 FCM = "fcm-chat.delta:cXXXX:APA91bSecretFcmTokenValue"
 
 
@@ -71,21 +71,6 @@ def stranger():
 @pytest.fixture
 def keyring_path(tmp_path, key) -> Path:
     return write_keyring(tmp_path / "keyring.asc", key.to_armored())
-
-
-class Recording(Provider):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.sent: list[str] = []
-
-    async def send(self, token):
-        self.sent.append(token.raw)
-        return Delivery.sent()
-
-
-def sample(metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if value is None else value
 
 
 def run_app(service: NotifyService, test) -> None:
