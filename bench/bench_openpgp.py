@@ -10,10 +10,13 @@ are made exactly like core's (devstack/openpgp_tokens.py); the keyring holds 5
 keys, the recipient last.  Also: a token for a key we do not hold (the
 recipient lookup refuses it before any decryption) and key loading.
 
-Measured here (2-core VM, this run's neighbours busy): rpgp-py about 15,000
-cold/s, pysequoia about 11,000 cold/s; cache hits about 1,000,000/s.  The proxy
-uses rpgp-py (notifiers/openpgp.py).  pysequoia is in the test extra only for
-this comparison.
+Figures are per CPU-second of the measuring process, so busy neighbours on
+the machine count less against them.  Measured here (2-core VM, five other
+sessions running): rpgp-py 11,300 cold/s, pysequoia 10,000 cold/s, cache hits
+about 500,000/s for both; on a quiet moment a bare decrypt loop gave rpgp-py
+15,900/s and pysequoia 11,500/s.  The proxy uses rpgp-py (notifiers/openpgp.py):
+faster, the clients' own rPGP, and its errors are one line.  pysequoia is in the
+test extra only for this comparison.
 """
 
 from __future__ import annotations

@@ -44,13 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from openpgp.composed import Message, SignedSecretKey
+from openpgp.errors import Error
+
 from .options import Option, integer, path
 from .providers.base import ProviderConfigError
 from .tokens import TokenError, parse_token
 
 if TYPE_CHECKING:
-    from openpgp.composed import SignedSecretKey
-
     from .settings import ProxySettings
 
 log = logging.getLogger(__name__)
@@ -201,9 +202,6 @@ class Keyring:
 
     @classmethod
     def parse(cls, text: str, source: str = "keyring") -> Keyring:
-        from openpgp.composed import SignedSecretKey
-        from openpgp.errors import Error
-
         keys: list[KeyringKey] = []
         for number, match in enumerate(_BLOCK.finditer(text), 1):
             if match["kind"] != _PRIVATE:
@@ -254,9 +252,6 @@ class Keyring:
 
         Raises :class:`UnknownRecipient` or :class:`DecryptionError` (see the module).
         """
-        from openpgp.composed import Message
-        from openpgp.errors import Error
-
         try:
             raw = base64.b64decode(token.removeprefix(PREFIX), validate=True)
         except (binascii.Error, ValueError):
