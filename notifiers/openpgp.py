@@ -40,7 +40,7 @@ import hashlib
 import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,7 +166,7 @@ class KeyringKey:
 
     fingerprint: str
     subkeys: tuple[str, ...]
-    secret: SignedSecretKey
+    secret: SignedSecretKey = field(repr=False)  # never in a log line
 
 
 class Keyring:
