@@ -5,8 +5,13 @@ client-certificate auth, not recording requests here), the proxy (aiohttp app
 from ``notifiers.app`` around a ``NotifyService`` with an ``ApnsProvider`` from a
 .p12, wrapped in the default per-provider limiter as ``build_service`` does), and
 an aiohttp client process.  Baseline: the same client against a trivial aiohttp
-endpoint answering 200.  Plus the memory of a ``Debouncer`` holding 1,000,000
-distinct tokens, against a plain ``dict`` of the same tokens.
+endpoint answering 200.  In the same run: ``openpgp:`` tokens made like the
+clients' (devstack/openpgp_tokens.py) through a proxy holding the key, distinct
+ciphertexts (each decrypted, then sent) and one resent ciphertext (cache hit,
+then debounced); and forwarding: a proxy without the key forwarding distinct
+``openpgp:`` tokens to an upstream (the trivial endpoint).  Plus the memory of
+a ``Debouncer`` holding 1,000,000 distinct tokens, against a plain ``dict`` of
+the same tokens.
 """
 
 from __future__ import annotations
@@ -78,8 +83,9 @@ def _serve_app(ready, stop, make) -> None:
     asyncio.run(main())
 
 
-def proxy_server(ready, stop, apns: dict, window: float) -> None:
-    """The proxy as ``notifiers`` serves it, pointed at the fake APNs."""
+def proxy_server(ready, stop, apns: dict, window: float, keyring: str | None = None) -> None:
+    """The proxy as ``notifiers`` serves it, pointed at the fake APNs (``keyring``: the
+    armored secret key that opens ``openpgp:`` tokens)."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -108,7 +114,30 @@ def proxy_server(ready, stop, apns: dict, window: float) -> None:
             rps=limit.rps or None,
             max_wait=limit.max_wait,
         )
-        service = NotifyService({Kind.APNS: limited}, debouncer=Debouncer(window))
+        from notifiers.openpgp import Keyring, OpenPgpDecryptor
+
+        decryptor = OpenPgpDecryptor(Keyring.parse(keyring, "bench")) if keyring else None
+        service = NotifyService(
+            {Kind.APNS: limited}, debouncer=Debouncer(window), decryptor=decryptor
+        )
+        return make_app(service)
+
+    _serve_app(ready, stop, make)
+
+
+def forwarding_server(ready, stop, upstream: str, window: float) -> None:
+    """A proxy with no keyring: every ``openpgp:`` token is forwarded to ``upstream``."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+
+    async def make():
+        from notifiers.app import make_app
+        from notifiers.debounce import Debouncer
+        from notifiers.forwarding import Upstream
+        from notifiers.service import NotifyService
+
+        service = NotifyService({}, debouncer=Debouncer(window), upstream=Upstream(upstream))
         return make_app(service)
 
     _serve_app(ready, stop, make)
@@ -131,9 +160,32 @@ def trivial_server(ready, stop) -> None:
     _serve_app(ready, stop, make)
 
 
-def http_load(url: str, concurrency: int, total: int, seconds: float, tokens: str, base: int):
-    """Child process: ``concurrency`` tasks post tokens until ``total`` or ``seconds``."""
+def http_load(
+    url: str,
+    concurrency: int,
+    total: int,
+    seconds: float,
+    tokens: str,
+    base: int,
+    public_key: str | None = None,
+):
+    """Child process: ``concurrency`` tasks post tokens until ``total`` or ``seconds``.
+
+    With ``public_key`` every token is encrypted to it the way clients do
+    (made before the clock starts); "same" then resends one ciphertext.
+    """
     import aiohttp
+
+    per_task = max(1, total // concurrency)
+    encrypted: list[bytes] = []
+    if public_key is not None:
+        from openpgp.composed import SignedPublicKey
+
+        from devstack.openpgp_tokens import encrypt_token
+
+        key, _ = SignedPublicKey.from_armor(public_key)
+        count = 1 if tokens == "same" else concurrency * (per_task + 1)
+        encrypted = [encrypt_token(f"{base + i:064x}", key).encode() for i in range(count)]
 
     async def main() -> dict:
         lat: list[float] = []
@@ -144,6 +196,8 @@ def http_load(url: str, concurrency: int, total: int, seconds: float, tokens: st
 
             def token() -> bytes:
                 counter[0] += 1
+                if encrypted:
+                    return encrypted[0 if tokens == "same" else counter[0] % len(encrypted)]
                 if tokens == "same":
                     return f"{base:064x}".encode()
                 return f"{base + counter[0]:064x}".encode()
@@ -155,7 +209,6 @@ def http_load(url: str, concurrency: int, total: int, seconds: float, tokens: st
             await asyncio.gather(*(warm() for _ in range(concurrency)))
             counter[0] = concurrency
             deadline = time.perf_counter() + seconds
-            per_task = max(1, total // concurrency)
 
             async def worker() -> None:
                 for _ in range(per_task):
@@ -230,9 +283,17 @@ def debounce_memory(n: int, mode: str) -> dict:
 # -- the section -----------------------------------------------------------------------
 
 
-def _load(server: ChildServer, conc: int, total: int, seconds: float, tokens: str, base: int):
+def _load(
+    server: ChildServer,
+    conc: int,
+    total: int,
+    seconds: float,
+    tokens: str,
+    base: int,
+    public_key: str | None = None,
+):
     cpu0 = tree_cpu_seconds(server.pid)
-    r = run_child(http_load, server.info["url"], conc, total, seconds, tokens, base)
+    r = run_child(http_load, server.info["url"], conc, total, seconds, tokens, base, public_key)
     r["server_cpu"] = (tree_cpu_seconds(server.pid) - cpu0) / r["elapsed"]
     return r
 
@@ -243,10 +304,14 @@ def run(quick: bool) -> list[Figure]:
     totals = {1: 1500, 64: 6000, 512: 8000} if quick else {1: 6000, 64: 30_000, 512: 40_000}
     results: dict[tuple[str, str, int], dict] = {}
     apns_cpu: dict[int, float] = {}
+    from devstack.openpgp_tokens import generate_key
+
+    key = generate_key()
+    secret, public = key.to_armored(), key.to_public_key().to_armored()
     with temp_dir("proxy") as workdir:
         apns = ChildServer(fake_apns_server, str(workdir))
         try:
-            with ChildServer(proxy_server, apns.info, 10.0) as proxy:
+            with ChildServer(proxy_server, apns.info, 10.0, secret) as proxy:
                 base = 1 << 200
                 for conc in levels:
                     a0 = tree_cpu_seconds(apns.pid)
@@ -257,6 +322,13 @@ def run(quick: bool) -> list[Figure]:
                 for conc in levels:
                     r = _load(proxy, conc, totals[conc] * 2, seconds, "same", base + conc)
                     results[("proxy", "same", conc)] = r
+                for conc in levels:
+                    base += 10_000_000
+                    r = _load(proxy, conc, totals[conc], seconds, "distinct", base, public)
+                    results[("openpgp", "distinct", conc)] = r
+                for conc in levels:
+                    r = _load(proxy, conc, totals[conc] * 2, seconds, "same", base + 1, public)
+                    results[("openpgp", "same", conc)] = r
         finally:
             apns._stop.set()
             apns_requests = apns._parent.recv() if apns._parent.poll(15) else None
@@ -265,11 +337,21 @@ def run(quick: bool) -> list[Figure]:
         for conc in levels:
             r = _load(trivial, conc, totals[conc] * 2, seconds, "distinct", 0)
             results[("trivial", "distinct", conc)] = r
+        with ChildServer(forwarding_server, trivial.info["url"], 10.0) as forwarder:
+            for conc in levels:
+                r = _load(forwarder, conc, totals[conc], seconds, "distinct", conc << 100, public)
+                results[("forward", "distinct", conc)] = r
 
     rows = []
-    for kind, label in (("distinct", "sent to fake APNs"), ("same", "debounced (same token)")):
+    for source, kind, label in (
+        ("proxy", "distinct", "sent to fake APNs"),
+        ("proxy", "same", "debounced (same token)"),
+        ("openpgp", "distinct", "openpgp: decrypted, sent to fake APNs"),
+        ("openpgp", "same", "openpgp: cached, debounced (same ciphertext)"),
+        ("forward", "distinct", "openpgp: forwarded to upstream (trivial)"),
+    ):
         for conc in levels:
-            r = results[("proxy", kind, conc)]
+            r = results[(source, kind, conc)]
             b = results[("trivial", "distinct", conc)]
             bad = sum(v for k, v in r["statuses"].items() if k != 200)
             rows.append(
@@ -284,7 +366,9 @@ def run(quick: bool) -> list[Figure]:
                     r["p99_ms"],
                     b["p99_ms"],
                     f"{100 * r['server_cpu']:.0f}%",
-                    f"{100 * apns_cpu[conc]:.0f}%" if kind == "distinct" else "",
+                    f"{100 * apns_cpu[conc]:.0f}%"
+                    if (source, kind) == ("proxy", "distinct")
+                    else "",
                     f"{100 * r['client_cpu']:.0f}%",
                     bad,
                 ]
@@ -335,10 +419,21 @@ def run(quick: bool) -> list[Figure]:
         ["structure", "entries", "MB", "vs dict", "inserts/s"],
         mrows,
     )
-    best = max(results[("proxy", "distinct", c)]["rate"] for c in levels)
-    best_db = max(results[("proxy", "same", c)]["rate"] for c in levels)
+
+    def best(source: str, kind: str) -> float:
+        return max(results[(source, kind, c)]["rate"] for c in levels)
+
     return [
-        at_least("proxy notifications/s to fake APNs (best)", best, 2000, "/s"),
-        at_least("proxy debounced requests/s (best)", best_db, 10_000, "/s"),
+        at_least(
+            "proxy notifications/s to fake APNs (best)", best("proxy", "distinct"), 2000, "/s"
+        ),
+        at_least("proxy debounced requests/s (best)", best("proxy", "same"), 10_000, "/s"),
+        at_least(
+            "proxy openpgp: notifications/s to fake APNs (best)",
+            best("openpgp", "distinct"),
+            2000,
+            "/s",
+        ),
+        at_least("proxy openpgp: forwarded/s (best)", best("forward", "distinct"), 2000, "/s"),
         at_most("memory of 1,000,000 debounce entries", mem["debouncer"]["rss_mb"], 200, "MB"),
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from . import forwarding, openpgp
 from .debounce import Debouncer
 from .metrics import ProxyMetrics
 from .providers.base import Provider
@@ -57,4 +58,7 @@ def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = Non
         providers,
         metrics=metrics,
         debouncer=Debouncer(settings.debounce_seconds, settings.debounce_max_entries),
+        decryptor=openpgp.build(settings),
+        upstream=forwarding.build(settings),
+        forward_all=settings.forward_all,
     )

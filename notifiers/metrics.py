@@ -1,10 +1,13 @@
 """Prometheus metrics of the push proxy, compatible with upstream's (reference §11).
 
 Names, types, label names, HELP texts and registration order are upstream's, so
-existing dashboards and alerts keep working; ``notification_latency_seconds`` is
-ours.  The push services' success counters (``direct_notifications``,
-``fcm_notifications``, ...) are declared by the providers and come first, in
-registry order.  Each :class:`ProxyMetrics` owns its
+existing dashboards and alerts keep working; ``notification_latency_seconds``,
+``openpgp_decryption_failures_by_key`` (the upstream counter by key and reason;
+upstream's own stays unlabelled so its sample keeps its name) and
+``forwarded_notifications`` (by the upstream proxy's answer) are ours.  The
+push services' success counters (``direct_notifications``, ``fcm_notifications``,
+...) are declared by the providers and come first, in registry order.  Each
+:class:`ProxyMetrics` owns its
 :class:`~prometheus_client.CollectorRegistry` (no process-global state), so
 tests and an embedded proxy next to other code do not collide.  The exposition
 is OpenMetrics text; the ``*_created`` samples that the Python client adds are
@@ -81,6 +84,18 @@ class ProxyMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=inner,
         )
+        self.openpgp_failures_by_key = counter(
+            "openpgp_decryption_failures_by_key",
+            "Number of openpgp: tokens answered 410, by our key's fingerprint (empty: none of "
+            "ours) and reason",
+            ["key", "reason"],
+        )
+        self.forwarded_notifications = counter(
+            "forwarded_notifications",
+            "Number of notifications forwarded to the upstream proxy, by its HTTP status "
+            "(send: no answer)",
+            ["status"],
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_WithoutCreated(inner))
 
@@ -89,6 +104,14 @@ class ProxyMetrics:
         counter = self.success.get(provider)
         if counter is not None:
             counter.inc()
+
+    def openpgp_failed(self, key: str, reason: str) -> None:
+        """Count an ``openpgp:`` token answered GONE: upstream's counter and ours by label."""
+        self.openpgp_decryption_failures.inc()
+        self.openpgp_failures_by_key.labels(key, reason).inc()
+
+    def forwarded(self, status: str) -> None:
+        self.forwarded_notifications.labels(status).inc()
 
     def failed(self, provider: str, reason: str, details: str = "") -> None:
         self.notification_failures.labels(provider, reason, details).inc()

@@ -4,13 +4,18 @@
 whose :class:`~chatmail_common.outcome.Outcome` is the contract the relays rely
 on: SENT done (sent or debounced), GONE the token is dead and the relay deletes
 it, RETRY keep the token and maybe retry.  Only a provider's verdict that a
-token is permanently dead (or an ``openpgp:`` token that no key opens) may be
+token is permanently dead (or an ``openpgp:`` token for one of our keys that
+does not open, or for nobody's key when no upstream is configured) may be
 GONE; configuration gaps, malformed tokens and throttling never are, because
 GONE makes the relay delete a token that may be fine.  HTTP statuses exist only
 in :mod:`notifiers.app`; the embedded proxy hands the result over as it is.
 
 Order of steps for ``/notify``: decrypt ``openpgp:`` → parse the grammar →
 debounce on the plaintext → dispatch to the provider for the token's kind.
+A token no local key opens (every token, with ``forward_all``) goes to the
+upstream proxy instead, if one is configured (:mod:`notifiers.forwarding`):
+debounced on its ciphertext, then posted unchanged, the upstream's verdict
+passed back.
 Parsing, which also checks the characters each kind allows, comes before
 debouncing (upstream debounces first) so a malformed token of any kind is
 always answered 400, before any provider could call it dead, and never
@@ -29,7 +34,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from .debounce import Debouncer
+from .forwarding import Upstream
 from .metrics import ProxyMetrics
+from .openpgp import NO_KEYRING, DecryptionError, UnknownRecipient
 from .providers.base import Delivery, Outcome, Provider
 from .providers.registry import LABEL, NOT_CONFIGURED
 from .tokens import Kind, PushToken, TokenError, parse_token, token_digest
@@ -38,17 +45,24 @@ log = logging.getLogger(__name__)
 
 OPENPGP_PREFIX = "openpgp:"
 
+#: The ``provider`` label of forwarded notifications' latency.
+FORWARD_LABEL = "upstream"
+
 #: How often a failed trailing (debounced) send is tried again by the proxy itself.
 TRAILING_RETRIES = 3
 
 #: ``async decrypt(token) -> plaintext`` for ``openpgp:`` tokens (it gets the whole
-#: token, prefix included, so it can forward what it cannot open).  It raises
-#: :class:`DecryptionError` when no key opens the token.
+#: token, prefix included; :class:`~notifiers.openpgp.OpenPgpDecryptor`).  It raises
+#: :class:`~notifiers.openpgp.UnknownRecipient` when none of its keys is the
+#: recipient (forwarded, if an upstream is configured) and
+#: :class:`~notifiers.openpgp.DecryptionError` when the token cannot be opened (GONE).
 Decryptor = Callable[[str], Awaitable[str]]
 
+__all__ = ["DecryptionError", "Decryptor", "NotifyResult", "NotifyService"]
 
-class DecryptionError(Exception):
-    """No configured key opens this ``openpgp:`` token (answered 410, as upstream)."""
+
+class _DecryptorFailed(Exception):
+    """The decryptor raised something unexpected (a bug): RETRY, never GONE."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +107,18 @@ class NotifyService:
         metrics: ProxyMetrics | None = None,
         debouncer: Debouncer | None = None,
         decryptor: Decryptor | None = None,
+        upstream: Upstream | None = None,
+        forward_all: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if forward_all and upstream is None:
+            raise ValueError("forward_all needs an upstream")
         self.providers = dict(providers)
         self.metrics = metrics if metrics is not None else ProxyMetrics()
         self.debouncer = debouncer if debouncer is not None else Debouncer()
         self.decryptor = decryptor
+        self.upstream = upstream
+        self.forward_all = forward_all
         self._clock = clock
         self._wakeup: asyncio.Event | None = None
         self._trailing_task: asyncio.Task[None] | None = None
@@ -138,6 +158,8 @@ class NotifyService:
         pending = self.debouncer.pending_count
         if pending:
             log.info("shutting down with %d trailing debounced sends not made", pending)
+        if self.upstream is not None:
+            await self.upstream.aclose()
         closed: set[int] = set()
         for provider in self.providers.values():
             if id(provider) not in closed:
@@ -152,41 +174,107 @@ class NotifyService:
     async def notify(self, body: str) -> NotifyResult:
         """Handle one ``/notify`` body (the raw token) and say what to answer."""
         self._ensure_started()
+        if self.forward_all:
+            return await self._debounced(body, self._forward)
         token = body
         if token.startswith(OPENPGP_PREFIX):
-            if self.decryptor is None:
-                log.error("openpgp token %s: no keyring configured", token_digest(token))
-                return _retry("openpgp tokens not supported: no keyring configured")
             try:
-                token = (await self.decryptor(token)).strip()
+                token = await self.open_openpgp(body)
+            except UnknownRecipient as exc:
+                if self.upstream is not None:
+                    return await self._debounced(body, self._forward)
+                if exc.reason == NO_KEYRING:
+                    log.error("openpgp token %s: no keyring configured", token_digest(body))
+                    return _retry("openpgp tokens not supported: no keyring configured")
+                return self._undecryptable(body, exc)
             except DecryptionError as exc:
-                self.metrics.openpgp_decryption_failures.inc()
-                log.error("cannot decrypt openpgp token %s: %s", token_digest(body), exc)
-                return NotifyResult(Outcome.GONE, "cannot decrypt token")
-            except Exception:
-                log.exception("decrypting openpgp token %s failed", token_digest(body))
+                return self._undecryptable(body, exc)
+            except _DecryptorFailed:
                 return _retry("decryption failed")
         try:
             parsed = parse_token(token)
         except TokenError as exc:
             log.info("malformed token %s: %s", token_digest(token), exc)
             return _malformed(f"malformed token: {exc}")
+        return await self._debounced(token, lambda _: self.dispatch(parsed))
 
+    async def open_openpgp(self, token: str) -> str:
+        """The plaintext of an ``openpgp:`` token: the one decryption call of every endpoint.
+
+        Raises :class:`~notifiers.openpgp.UnknownRecipient` (reason ``no_keyring``
+        when no keyring is configured), :class:`~notifiers.openpgp.DecryptionError`,
+        or :class:`_DecryptorFailed` (logged) when the decryptor itself fails.
+        """
+        if self.decryptor is None:
+            raise UnknownRecipient("no keyring configured", reason=NO_KEYRING)
+        try:
+            return (await self.decryptor(token)).strip()
+        except DecryptionError:
+            raise
+        except Exception as exc:
+            log.exception("decrypting openpgp token %s failed", token_digest(token))
+            raise _DecryptorFailed from exc
+
+    def _undecryptable(self, body: str, exc: DecryptionError) -> NotifyResult:
+        """GONE for a token that cannot be opened here (and no upstream can take it)."""
+        self.metrics.openpgp_failed(exc.key, exc.reason)
+        log.error(
+            "cannot decrypt openpgp token %s: %s (%s%s)",
+            token_digest(body),
+            exc,
+            exc.reason,
+            f", key {exc.key}" if exc.key else "",
+        )
+        return NotifyResult(Outcome.GONE, "cannot decrypt token")
+
+    async def _debounced(
+        self, key: str, send: Callable[[str], Awaitable[NotifyResult]]
+    ) -> NotifyResult:
+        """Send now (``await send(key)``) unless ``key``'s debounce window covers this hit."""
         hit_at = self._clock()
-        send_now = self.debouncer.hit(token, hit_at)
+        send_now = self.debouncer.hit(key, hit_at)
         # A trailing send may have been scheduled, or an owed one evicted by the cap.
         self._wake()
         self.metrics.debounced_set_size.set(len(self.debouncer))
         if not send_now:
             self.metrics.debounced_notifications.inc()
-            log.debug("debounced %s token %s", parsed.kind.value, parsed.digest)
+            log.debug("debounced token %s", token_digest(key))
             return _sent("debounced")
-        result = await self.dispatch(parsed)
+        result = await send(key)
         if result.outcome is Outcome.RETRY:
             # Nothing was delivered: the relay retries, and that retry must not be
             # answered "debounced" by the window this failed send opened.
-            self.debouncer.forget(token, hit_at)
+            self.debouncer.forget(key, hit_at)
         return result
+
+    def _forwarded(self, key: str) -> bool:
+        """Whether a debouncer key is a token for the upstream (plaintext tokens never
+        start with ``openpgp:``: the grammar refuses them)."""
+        return self.forward_all or key.startswith(OPENPGP_PREFIX)
+
+    async def _forward(self, token: str) -> NotifyResult:
+        """POST ``token`` unchanged to the upstream; its verdict, counted and timed."""
+        assert self.upstream is not None
+        started = time.perf_counter()
+        answer = await self.upstream.forward(token)
+        self.metrics.notification_latency.labels(FORWARD_LABEL).observe(
+            time.perf_counter() - started
+        )
+        self.metrics.forwarded(answer.status)
+        level = logging.DEBUG if answer.outcome is Outcome.SENT else logging.WARNING
+        log.log(
+            level,
+            "forwarded token %s upstream: %s %s (%s)",
+            token_digest(token),
+            answer.status,
+            answer.details,
+            answer.outcome.value,
+        )
+        if answer.outcome is Outcome.SENT:
+            return _sent("sent upstream")
+        if answer.outcome is Outcome.GONE:
+            return NotifyResult(Outcome.GONE, "token is gone (upstream)")
+        return _retry(f"upstream failed: {answer.status}")
 
     async def dispatch(self, token: PushToken) -> NotifyResult:
         """Send ``token`` through its provider; count, time and log the outcome."""
@@ -244,17 +332,15 @@ class NotifyService:
         if not isinstance(token, str):
             return _malformed('expected JSON {"token": "<string>"}')
         if token.startswith(OPENPGP_PREFIX):
-            if self.decryptor is None:
-                return _retry("openpgp tokens not supported: no keyring configured")
             try:
-                token = (await self.decryptor(token)).strip()
-            except Exception as exc:  # upstream: 500, no metric, on /register
-                log.error(
-                    "cannot decrypt openpgp token %s for /register: %s",
-                    token_digest(token),
-                    type(exc).__name__,
-                )
-                return _retry("cannot decrypt token")
+                token = await self.open_openpgp(token)
+            except DecryptionError as exc:  # upstream answers 500; a clear 4xx, no metric
+                if exc.reason == NO_KEYRING:
+                    return _retry("openpgp tokens not supported: no keyring configured")
+                log.info("cannot decrypt openpgp token for /register: %s", exc.reason)
+                return _malformed(f"cannot decrypt openpgp token: {exc.reason}")
+            except _DecryptorFailed:
+                return _retry("decryption failed")
         try:
             parsed = parse_token(token)
         except TokenError as exc:
@@ -294,21 +380,16 @@ class NotifyService:
             self.metrics.debounced_set_size.set(len(self.debouncer))
 
     async def _trailing_send(self, token: str) -> None:
+        digest = token_digest(token)
         try:
-            parsed = parse_token(token)
-        except TokenError:  # cannot happen: only parsed tokens are debounced
-            return
-        try:
-            result = await self.dispatch(parsed)
+            if self._forwarded(token):
+                result = await self._forward(token)
+            else:
+                result = await self.dispatch(parse_token(token))  # parsed before debouncing
         except Exception:
-            log.exception("trailing send to token %s failed", parsed.digest)
+            log.exception("trailing send to token %s failed", digest)
             result = _retry("internal error")
-        log.debug(
-            "trailing send to %s token %s: %s",
-            parsed.kind.value,
-            parsed.digest,
-            result.outcome.value,
-        )
+        log.debug("trailing send to token %s: %s", digest, result.outcome.value)
         if result.outcome is not Outcome.RETRY:
             self._trailing_attempts.pop(token, None)
             return
@@ -317,12 +398,7 @@ class NotifyService:
         attempts = self._trailing_attempts.get(token, 0) + 1
         if attempts > TRAILING_RETRIES:
             self._trailing_attempts.pop(token, None)
-            log.error(
-                "trailing push to %s token %s failed %d times; given up",
-                parsed.kind.value,
-                parsed.digest,
-                attempts,
-            )
+            log.error("trailing push to token %s failed %d times; given up", digest, attempts)
             return
         self._trailing_attempts[token] = attempts
         self.debouncer.defer(token, self._clock() + self.debouncer.window * attempts)

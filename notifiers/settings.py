@@ -27,6 +27,7 @@ from typing import Any
 
 from chatmail_common.hostport import parse_host_port
 
+from . import forwarding, openpgp
 from .app import DEFAULT_BODY_LIMIT
 from .debounce import DEFAULT_MAX_ENTRIES, DEFAULT_WINDOW
 from .options import (
@@ -98,9 +99,17 @@ PROXY_OPTIONS: tuple[Option, ...] = (
     Option("log_level", log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"),
 )
 
-#: Every option: the proxy's, then each provider's (with its limits), in registry order.
-OPTIONS: tuple[Option, ...] = PROXY_OPTIONS + tuple(
-    option for spec in PROVIDERS for option in options_of(spec)
+#: Groups of options that belong to neither the proxy's core nor a provider: (title, options).
+FEATURE_GROUPS: tuple[tuple[str, tuple[Option, ...]], ...] = (
+    ("openpgp: tokens", openpgp.OPTIONS),
+    ("upstream forwarding", forwarding.OPTIONS),
+)
+
+#: Every option: the proxy's, the features', then each provider's (with its limits).
+OPTIONS: tuple[Option, ...] = (
+    PROXY_OPTIONS
+    + tuple(option for _, options in FEATURE_GROUPS for option in options)
+    + tuple(option for spec in PROVIDERS for option in options_of(spec))
 )
 
 
@@ -160,7 +169,10 @@ def settings_from_mapping(
     provider), a bad value, or a secret given inline (``password``).  ``env``
     (for the secrets' environment variables) defaults to ``os.environ``.
     """
-    return ProxySettings(**parse_values(OPTIONS, values, os.environ if env is None else env))
+    parsed = parse_values(OPTIONS, values, os.environ if env is None else env)
+    if parsed.get("forward_all") and not parsed.get("upstream_url"):
+        raise ValueError("forward_all: needs upstream_url (where to forward to)")
+    return ProxySettings(**parsed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=" ".join(secret_note(option) for option in OPTIONS if option.secret),
     )
     add_arguments(parser, PROXY_OPTIONS)
+    for title, options in FEATURE_GROUPS:
+        add_arguments(parser.add_argument_group(title), options)
     for spec in PROVIDERS:
         options = options_of(spec)
         if options:
