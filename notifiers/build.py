@@ -54,11 +54,22 @@ def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = Non
     providers = build_providers(settings)
     if settings.interval or settings.db:
         log.info("--interval/--db accepted for compatibility and ignored: no heartbeats")
+    decryptor = openpgp.build(settings)
+    upstream = forwarding.build(settings)
+    if decryptor is not None and upstream is None:
+        # The policy answers GONE to a token for a key we do not hold (it can never be
+        # delivered here), and relays then delete it: right for a proxy that serves only
+        # clients of its own app, fatal for a relay in front of the central service.
+        log.warning(
+            "openpgp: tokens for keys not in the keyring are answered 410 (relays delete them); "
+            "stock Delta Chat clients encrypt to notifications.delta.chat: set --upstream-url "
+            "to forward those instead"
+        )
     return NotifyService(
         providers,
         metrics=metrics,
         debouncer=Debouncer(settings.debounce_seconds, settings.debounce_max_entries),
-        decryptor=openpgp.build(settings),
-        upstream=forwarding.build(settings),
+        decryptor=decryptor,
+        upstream=upstream,
         forward_all=settings.forward_all,
     )

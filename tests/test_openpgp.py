@@ -266,6 +266,20 @@ def test_fingerprints_are_logged_at_start(keyring_path, key, caplog):
     assert key.secret_subkeys[0].key.fingerprint.upper() in caplog.text
 
 
+def test_keyring_without_upstream_warns_that_foreign_tokens_are_gone(keyring_path, caplog):
+    caplog.set_level("INFO")
+    build_service(ProxySettings(log_provider=True, openpgp_keyring_path=keyring_path))
+    assert "answered 410" in caplog.text and "--upstream-url" in caplog.text
+    caplog.clear()
+    with_upstream = ProxySettings(
+        log_provider=True,
+        openpgp_keyring_path=keyring_path,
+        upstream_url="http://127.0.0.1:9/notify",
+    )
+    build_service(with_upstream)
+    assert "answered 410" not in caplog.text
+
+
 def test_keyring_option_from_ini(keyring_path):
     settings = settings_from_mapping({"openpgp_keyring_path": str(keyring_path)}, env={})
     assert settings.openpgp_keyring_path == keyring_path
