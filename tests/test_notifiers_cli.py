@@ -69,8 +69,8 @@ def test_help_lists_upstream_and_own_options():
         assert option in proc.stdout
     assert "heartbeats are not implemented" in " ".join(proc.stdout.split())
     assert PASSWORD_ENV in proc.stdout
-    # Only options that work: Web Push and openpgp: decryption are not implemented yet.
-    assert "--vapid-key-path" not in proc.stdout
+    assert "--vapid-key-path" in proc.stdout and "--webpush-allowed-endpoints" in proc.stdout
+    # Only options that work: openpgp: decryption is not implemented yet.
     assert "--openpgp-keyring-path" not in proc.stdout
 
 
@@ -253,7 +253,7 @@ def test_every_option_is_both_a_flag_and_an_ini_key():
     assert repr(settings_from_mapping(keys, env={})) == repr(ProxySettings())  # "" = default
 
 
-@pytest.mark.parametrize("key", ["vapid_key_path", "openpgp_keyring_path", "fcm_key_pth"])
+@pytest.mark.parametrize("key", ["vapid_key_pth", "openpgp_keyring_path", "fcm_key_pth"])
 def test_unknown_ini_keys_are_an_error_naming_the_key(key):
     with pytest.raises(ValueError, match=f"unknown notifiers option '{key}'"):
         settings_from_mapping({key: "/x"}, env={})
