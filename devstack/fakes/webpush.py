@@ -194,6 +194,9 @@ class FakeWebPush:
         chunk = b"x" * 65536
         try:
             for offset in range(0, reply.stream, len(chunk)):
+                # Yield every chunk: writes to a dead peer do not block, and only a turn of
+                # the loop delivers connection_lost (which clears request.transport).
+                await asyncio.sleep(0)
                 if request.transport is None or request.transport.is_closing():
                     break
                 await response.write(chunk[: reply.stream - offset])
