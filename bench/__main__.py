@@ -22,6 +22,7 @@ SECTIONS = {
     "notifier": "bench.bench_notifier",
     "proxy": "bench.bench_proxy",
     "openpgp": "bench.bench_openpgp",
+    "webpush": "bench.bench_webpush",
 }
 
 

@@ -13,14 +13,21 @@ device, so no provider may answer it 410 (which makes the relay delete it).
 * FCM and UBports: ASCII letters, digits, ``_``, ``:`` and ``-`` (upstream's
   check; it also keeps the token from breaking the JSON it is spliced into).
   The FCM package name is not checked: it is parsed but not used;
-* Web Push: an endpoint of visible ASCII (no spaces or control characters)
-  and base64url keys (padding tolerated).
+* Web Push: an ``https://`` endpoint URL of visible ASCII (no spaces or
+  control characters) with a host and no user info, and the RFC 8291
+  subscription keys in base64url (padding tolerated): ``p256dh`` an
+  uncompressed P-256 point (65 bytes, first byte 4), ``auth`` 16 bytes.
+  Whether the endpoint's host may be contacted at all (allow-list, private
+  addresses) is the provider's policy, not grammar.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 from chatmail_common.digest import token_digest
@@ -107,10 +114,42 @@ def _problem(token: PushToken) -> str | None:
     elif kind in (Kind.FCM, Kind.UBPORTS):
         if not _SAFE_DEVICE.fullmatch(device):
             return f"invalid {kind.value} token: expected ASCII letters, digits, '_', ':' or '-'"
-    elif kind is Kind.WEBPUSH and not (
-        _VISIBLE_ASCII.fullmatch(device)
-        and _BASE64URL.fullmatch(token.p256dh)
-        and _BASE64URL.fullmatch(token.auth)
-    ):
-        return "invalid web push token: expected a URL and base64url keys"
+    elif kind is Kind.WEBPUSH:
+        return _webpush_problem(token)
+    return None
+
+
+#: RFC 8291: the user agent's public key is an uncompressed P-256 point, the auth secret 16 bytes.
+P256DH_BYTES = 65
+AUTH_BYTES = 16
+
+
+def base64url_bytes(text: str) -> bytes | None:
+    """The bytes of base64url ``text`` (padding optional), or None if it is not base64url."""
+    if not _BASE64URL.fullmatch(text):
+        return None
+    stripped = text.rstrip("=")
+    try:
+        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _webpush_problem(token: PushToken) -> str | None:
+    endpoint = token.device
+    if not _VISIBLE_ASCII.fullmatch(endpoint):
+        return "invalid web push token: the endpoint has spaces or non-ASCII characters"
+    try:
+        url = urllib.parse.urlsplit(endpoint)
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return "invalid web push token: the endpoint is not a URL"
+    if url.scheme.lower() != "https" or not url.hostname or "@" in url.netloc:
+        return "invalid web push token: the endpoint must be an https:// URL with a host"
+    p256dh = base64url_bytes(token.p256dh)
+    if p256dh is None or len(p256dh) != P256DH_BYTES or p256dh[0] != 4:
+        return "invalid web push token: p256dh must be a base64url uncompressed P-256 key"
+    auth = base64url_bytes(token.auth)
+    if auth is None or len(auth) != AUTH_BYTES:
+        return "invalid web push token: auth must be 16 bytes in base64url"
     return None

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.fakes.apns import FakeApns
 from devstack.fakes.fcm import FakeFcm
@@ -24,6 +26,7 @@ from devstack.fakes.keys import (
     write_p8,
     write_service_account,
 )
+from devstack.fakes.webpush import FakeWebPush
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +103,25 @@ def fake_ubports(tls_ca: trustme.CA) -> Iterator[FakeH2Server]:
     with FakeH2Server(server_context(tls_ca)) as server:
         server.default.body = b'{"ok":true}'
         yield server
+
+
+@pytest.fixture
+def fake_webpush(tls_ca: trustme.CA) -> Iterator[FakeWebPush]:
+    """Fake Web Push service over HTTPS/1.1; its certificate also covers push.example."""
+    with FakeWebPush(tls_ca, names=("push.example",)) as server:
+        yield server
+
+
+@pytest.fixture
+def vapid_key_path(tmp_path: Path) -> Path:
+    """A VAPID key as upstream's README makes it: PKCS#8 PEM, P-256, unencrypted."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "vapid.pk8"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path

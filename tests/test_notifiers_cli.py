@@ -69,9 +69,8 @@ def test_help_lists_upstream_and_own_options():
         assert option in proc.stdout
     assert "heartbeats are not implemented" in " ".join(proc.stdout.split())
     assert PASSWORD_ENV in proc.stdout
-    # Only options that work: Web Push is not implemented yet; openpgp: decryption
-    # and upstream forwarding are (issue 8).
-    assert "--vapid-key-path" not in proc.stdout
+    # Only options that work: Web Push, openpgp: decryption and upstream forwarding (issue 8).
+    assert "--vapid-key-path" in proc.stdout and "--webpush-allowed-endpoints" in proc.stdout
     for option in ("--openpgp-keyring-path", "--upstream-url", "--forward-all"):
         assert option in proc.stdout
 
@@ -255,7 +254,7 @@ def test_every_option_is_both_a_flag_and_an_ini_key():
     assert repr(settings_from_mapping(keys, env={})) == repr(ProxySettings())  # "" = default
 
 
-@pytest.mark.parametrize("key", ["vapid_key_path", "openpgp_keyring_pth", "fcm_key_pth"])
+@pytest.mark.parametrize("key", ["vapid_key_pth", "openpgp_keyring_pth", "fcm_key_pth"])
 def test_unknown_ini_keys_are_an_error_naming_the_key(key):
     with pytest.raises(ValueError, match=f"unknown notifiers option '{key}'"):
         settings_from_mapping({key: "/x"}, env={})

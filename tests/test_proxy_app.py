@@ -24,7 +24,12 @@ from notifiers.tokens import Kind
 APNS_TOKEN = "0155b93b7eb8" + "ab" * 26
 FCM_TOKEN = "fcm-chat.delta:cXXXX:APA91bSecretFcmTokenValue"
 UBPORTS_TOKEN = "ubports-SecretUbportsToken"
-WEBPUSH_TOKEN = "webpush:https://push.example/abc|BNcKey|k3hAuth"
+# A well-formed subscription (65-byte uncompressed P-256 key, 16-byte auth secret).
+WEBPUSH_TOKEN = (
+    "webpush:https://push.example/abc"
+    "|BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM"
+    "|tBHItJI5svbpez7KI4CCXg"
+)
 
 UPSTREAM_METRICS = {
     "direct_notifications": "counter",

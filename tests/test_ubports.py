@@ -77,8 +77,15 @@ def _json(status: int, body: dict, headers=()) -> Reply:
         (Reply(202), Outcome.SENT, "", "", None),
         (_json(400, {"error": "unknown-token", "message": "Unknown token"}), Outcome.GONE,
          "400", "unknown-token", None),
-        (Reply(404), Outcome.GONE, "404", "", None),
-        (Reply(410), Outcome.GONE, "410", "", None),
+        # The push server never answers 404/410 for a token (ubuntu-push server/api):
+        # they mean a wrong --ubports-url or a proxy in front, so they must not delete tokens.
+        (Reply(404), Outcome.RETRY, "404", "", None),
+        (Reply(410), Outcome.RETRY, "410", "", None),
+        (_json(401, {"error": "unauthorized", "message": "Unauthorized"}), Outcome.RETRY,
+         "401", "unauthorized", None),
+        (_json(413, {"error": "too-many-pending"}), Outcome.RETRY, "413", "too-many-pending",
+         None),
+        (_json(503, {"error": "unavailable"}), Outcome.RETRY, "503", "unavailable", None),
         (_json(400, {"error": "invalid-request", "message": "bad"}), Outcome.RETRY,
          "400", "invalid-request", None),
         (Reply(401), Outcome.RETRY, "401", "", None),

@@ -1,12 +1,25 @@
 """UBports (Ubuntu Touch) push client: one JSON POST to ``<base>/notify``.
 
-Dead tokens: the UBports server (a fork of Canonical's ubuntu-push, written in
-Go) answers 400 with ``{"error": "unknown-token", ...}`` for a token it does
-not know (from memory of ubuntu-push's ``server/api``; not verified against the
-live service), so that, 404 and 410 are GONE.  Everything else that is not 2xx
-is RETRY: upstream's "any 4xx deletes the token" lost live devices.  A token
-with characters outside the grammar never gets here (``/notify`` answers 400);
-:meth:`UbportsProvider.send` repeats the check as a guard, RETRY and never GONE.
+The request is reference §6 (upstream's body, field for field), except that
+``expire_on`` is UTC (``...Z``) where upstream used local time; the server
+parses it with Go's RFC 3339 parser, which takes both.
+
+Dead tokens: checked against the push server's source (ubports/ubuntu-push,
+``server/api/handlers.go``, a fork of Canonical's ubuntu-push): ``/notify``
+answers 400 ``{"error": "unknown-token", ...}`` for a token it does not know,
+and that alone is GONE.  The server never answers 404 or 410 for a token (a
+404 is its HTTP mux's answer to a wrong path), so those mean a wrong
+``--ubports-url`` or a proxy in front and are RETRY: GONE would make every
+relay delete every UBports token.  Its other answers are RETRY too: 400
+``invalid-request``, 401 ``unauthorized`` (the token belongs to another app
+id), 413 ``too-many-pending`` (the device is offline with a full queue), 5xx
+``unavailable``/``internal``; upstream's "any 4xx deletes the token" lost live
+devices.  Not verified: that push.ubports.com runs that code unchanged, with
+no proxy in front that answers on its own.
+
+A token with characters outside the grammar never gets here (``/notify``
+answers 400); :meth:`UbportsProvider.send` repeats the check as a guard,
+RETRY and never GONE.
 
 UBports needs no credentials, so it is on unless switched off (as upstream);
 the end of the module registers it with the proxy (:data:`PROVIDER`).
@@ -118,7 +131,7 @@ def _map_response(response: httpx.Response) -> Delivery:
             error = label(body.get("error", ""))
     except ValueError:
         pass
-    if status in (404, 410) or (status == 400 and error in GONE_ERRORS):
+    if status == 400 and error in GONE_ERRORS:
         return Delivery(Outcome.GONE, str(status), error)
     return retry_later(status, error, response.headers.get("retry-after"), DEFAULT_RETRY_AFTER)
 
