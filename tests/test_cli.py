@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -233,6 +234,15 @@ def test_serves_and_shuts_down_cleanly(tmp_path, sig):
     assert (tmp_path / "mb" / "chatmail-metadata.sqlite3").exists()
 
 
+def assert_answers_a_lookup(sock_path: str | Path) -> None:
+    """Connect to the dict socket and look up a token nobody stored: ``N``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(20)
+        c.connect(str(sock_path))
+        c.sendall(b"H3\t2\t0\t\tmetadata\nL" + priv("devicetoken") + b"\t" + ALICE.encode() + b"\n")
+        assert c.recv(100) == b"N\n"
+
+
 def test_socket_activation_and_watchdog(tmp_path):
     """As systemd starts it: the socket passed in (fd 3), READY=1 and WATCHDOG=1 pings."""
     activate = shutil.which("systemd-socket-activate")
@@ -269,13 +279,7 @@ def test_socket_activation_and_watchdog(tmp_path):
         while not sock_path.exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
             time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            c.settimeout(20)
-            c.connect(str(sock_path))  # the connection that made systemd start it
-            c.sendall(
-                b"H3\t2\t0\t\tmetadata\nL" + priv("devicetoken") + b"\t" + ALICE.encode() + b"\n"
-            )
-            assert c.recv(100) == b"N\n"
+        assert_answers_a_lookup(sock_path)  # the connection that made systemd start it
         messages = [notify.recv(4096) for _ in range(3)]
         assert b"READY=1" in messages[0]
         assert messages[1:] == [b"WATCHDOG=1", b"WATCHDOG=1"]  # every 0.2 s
@@ -288,6 +292,62 @@ def test_socket_activation_and_watchdog(tmp_path):
         notify.close()
     assert proc.returncode == 0, err
     assert sock_path.exists()  # an activated socket belongs to systemd: not unlinked
+
+
+@contextlib.contextmanager
+def killed_if_left_running(proc: subprocess.Popen) -> Iterator[None]:
+    """Whatever the test did, no child outlives it."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# What systemd does before it execs a socket-activated service: the listening socket
+# becomes fd 3, LISTEN_FDS=1 and LISTEN_PID the service's pid (exec keeps it).
+AS_SYSTEMD = (
+    "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); "
+    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def serve_inherited_socket_once(listener: socket.socket, ini: Path, env: dict[str, str]) -> None:
+    """One service start under a ``.socket`` unit: answer one lookup on the inherited
+    socket's path, then stop cleanly on SIGTERM."""
+    path = listener.getsockname()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AS_SYSTEMD, str(listener.fileno()), *command(), path, str(ini)],
+        env=env,
+        pass_fds=[listener.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with killed_if_left_running(proc):
+        assert_answers_a_lookup(path)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_inherited_socket_survives_a_restart(tmp_path):
+    """Under a ``.socket`` unit systemd keeps the listening socket across service restarts;
+    its path must stay, or Dovecot cannot reach the restarted service (Python 3.13's
+    ``create_unix_server`` unlinks the path on close unless told not to)."""
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    sock_path = tmp_path / "inherited.socket"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:  # the .socket unit
+        listener.bind(str(sock_path))
+        listener.listen()
+        for _start in range(2):
+            serve_inherited_socket_once(listener, ini, env)
+            assert sock_path.exists()  # the socket belongs to systemd: not unlinked
 
 
 def test_journald_format_when_stderr_is_the_journal(tmp_path):
