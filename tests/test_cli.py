@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,18 +98,16 @@ def test_missing_database_directory(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user can enter (pytest's tmp_path is 0700 to root)."""
-    base = Path(tempfile.mkdtemp())
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base)
+# Capabilities that let root ignore file permissions; without them a directory owned by
+# another user with mode 0755 is read-only to root as well.
+PERMISSION_OVERRIDES = "-dac_override,-dac_read_search,-fowner"
 
 
 def run_unable_to_write(locked: Path, args) -> subprocess.CompletedProcess:
-    """Run with ``locked`` unwritable for the child.  Root ignores permissions, so as
-    root the child runs as nobody, to whom everything root-owned and 0755 is read-only."""
+    """Run with ``locked`` unwritable for the child.  Root ignores permissions, so as root
+    ``locked`` goes to nobody (0755) and the child runs as root without the capabilities
+    that override permissions: it still reads the checkout and the test's files wherever
+    they are (a clone under /root is not readable by nobody)."""
     if os.geteuid() != 0:
         locked.chmod(0o555)
         try:
@@ -117,27 +115,32 @@ def run_unable_to_write(locked: Path, args) -> subprocess.CompletedProcess:
         finally:
             locked.chmod(0o755)
     if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv to drop root privileges")
-    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    return subprocess.run(
+        pytest.skip("needs setpriv to drop root's permission overrides")
+    os.chown(locked, pwd.getpwnam("nobody").pw_uid, -1)
+    locked.chmod(0o755)
+    setpriv = ["setpriv", "--inh-caps=-all", f"--bounding-set={PERMISSION_OVERRIDES}"]
+    proc = subprocess.run(
         [*setpriv, *command(), *map(str, args)], capture_output=True, text=True, timeout=30
     )
+    if proc.stderr.startswith("setpriv:"):  # e.g. no CAP_SETPCAP in this container
+        pytest.skip(f"cannot drop root's permission overrides: {proc.stderr.strip()}")
+    return proc
 
 
-def test_unwritable_database_directory(shared_dir):
-    (shared_dir / "mb").mkdir(mode=0o755)
-    ini = write_ini(shared_dir, shared_dir / "mb")
-    proc = run_unable_to_write(shared_dir / "mb", [shared_dir / "s", ini])
+def test_unwritable_database_directory(tmp_path):
+    (tmp_path / "mb").mkdir(mode=0o755)
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    proc = run_unable_to_write(tmp_path / "mb", [tmp_path / "s", ini])
     assert_clean_error(proc, "cannot open database")
 
 
-def test_socket_in_unwritable_directory_names_the_socket(shared_dir):
-    mailboxes = shared_dir / "mb"
+def test_socket_in_unwritable_directory_names_the_socket(tmp_path):
+    mailboxes = tmp_path / "mb"
     mailboxes.mkdir()
     mailboxes.chmod(0o777)  # the database can be created, the socket cannot
-    (shared_dir / "run").mkdir(mode=0o755)
-    sock = shared_dir / "run" / "metadata.socket"
-    proc = run_unable_to_write(shared_dir / "run", [sock, write_ini(shared_dir, mailboxes)])
+    (tmp_path / "run").mkdir(mode=0o755)
+    sock = tmp_path / "run" / "metadata.socket"
+    proc = run_unable_to_write(tmp_path / "run", [sock, write_ini(tmp_path, mailboxes)])
     assert_clean_error(proc, f"cannot listen on socket {sock}: Permission denied")
 
 
