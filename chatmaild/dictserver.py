@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ from .metadata import MetadataDict
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
+
+# Python 3.13 made ``create_unix_server`` unlink the socket's path when the server
+# closes (``cleanup_socket=True``); 3.11 and 3.12 have no such option and never unlink.
+KEEP_SOCKET_PATH: dict[str, bool] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
 
 
 class DictProtocol(asyncio.Protocol):
@@ -206,10 +211,18 @@ async def start_dict_server(
     max_line: int = dp.DEFAULT_MAX_LINE,
     stats: ServerStats | None = None,
 ) -> tuple[asyncio.AbstractServer, ServerStats]:
-    """Serve ``backend`` on an already bound listening socket (bound here or by systemd)."""
+    """Serve ``backend`` on an already bound listening socket (bound here or by systemd).
+
+    Closing the server leaves the socket's path alone: the path belongs to whoever bound
+    the socket.  A socket systemd passed in must outlive this process (the ``.socket``
+    unit hands it to the next start); one we bound ourselves the caller unlinks at exit.
+    """
     stats = stats or ServerStats()
     loop = asyncio.get_running_loop()
     server = await loop.create_unix_server(
-        lambda: DictProtocol(backend, max_line, stats), sock=sock, backlog=LISTEN_BACKLOG
+        lambda: DictProtocol(backend, max_line, stats),
+        sock=sock,
+        backlog=LISTEN_BACKLOG,
+        **KEEP_SOCKET_PATH,
     )
     return server, stats

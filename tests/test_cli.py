@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,18 +98,16 @@ def test_missing_database_directory(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user can enter (pytest's tmp_path is 0700 to root)."""
-    base = Path(tempfile.mkdtemp())
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base)
+# Capabilities that let root ignore file permissions; without them a directory owned by
+# another user with mode 0755 is read-only to root as well.
+PERMISSION_OVERRIDES = "-dac_override,-dac_read_search,-fowner"
 
 
 def run_unable_to_write(locked: Path, args) -> subprocess.CompletedProcess:
-    """Run with ``locked`` unwritable for the child.  Root ignores permissions, so as
-    root the child runs as nobody, to whom everything root-owned and 0755 is read-only."""
+    """Run with ``locked`` unwritable for the child.  Root ignores permissions, so as root
+    ``locked`` goes to nobody (0755) and the child runs as root without the capabilities
+    that override permissions: it still reads the checkout and the test's files wherever
+    they are (a clone under /root is not readable by nobody)."""
     if os.geteuid() != 0:
         locked.chmod(0o555)
         try:
@@ -116,27 +115,32 @@ def run_unable_to_write(locked: Path, args) -> subprocess.CompletedProcess:
         finally:
             locked.chmod(0o755)
     if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv to drop root privileges")
-    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    return subprocess.run(
+        pytest.skip("needs setpriv to drop root's permission overrides")
+    os.chown(locked, pwd.getpwnam("nobody").pw_uid, -1)
+    locked.chmod(0o755)
+    setpriv = ["setpriv", "--inh-caps=-all", f"--bounding-set={PERMISSION_OVERRIDES}"]
+    proc = subprocess.run(
         [*setpriv, *command(), *map(str, args)], capture_output=True, text=True, timeout=30
     )
+    if proc.stderr.startswith("setpriv:"):  # e.g. no CAP_SETPCAP in this container
+        pytest.skip(f"cannot drop root's permission overrides: {proc.stderr.strip()}")
+    return proc
 
 
-def test_unwritable_database_directory(shared_dir):
-    (shared_dir / "mb").mkdir(mode=0o755)
-    ini = write_ini(shared_dir, shared_dir / "mb")
-    proc = run_unable_to_write(shared_dir / "mb", [shared_dir / "s", ini])
+def test_unwritable_database_directory(tmp_path):
+    (tmp_path / "mb").mkdir(mode=0o755)
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    proc = run_unable_to_write(tmp_path / "mb", [tmp_path / "s", ini])
     assert_clean_error(proc, "cannot open database")
 
 
-def test_socket_in_unwritable_directory_names_the_socket(shared_dir):
-    mailboxes = shared_dir / "mb"
+def test_socket_in_unwritable_directory_names_the_socket(tmp_path):
+    mailboxes = tmp_path / "mb"
     mailboxes.mkdir()
     mailboxes.chmod(0o777)  # the database can be created, the socket cannot
-    (shared_dir / "run").mkdir(mode=0o755)
-    sock = shared_dir / "run" / "metadata.socket"
-    proc = run_unable_to_write(shared_dir / "run", [sock, write_ini(shared_dir, mailboxes)])
+    (tmp_path / "run").mkdir(mode=0o755)
+    sock = tmp_path / "run" / "metadata.socket"
+    proc = run_unable_to_write(tmp_path / "run", [sock, write_ini(tmp_path, mailboxes)])
     assert_clean_error(proc, f"cannot listen on socket {sock}: Permission denied")
 
 
@@ -233,6 +237,15 @@ def test_serves_and_shuts_down_cleanly(tmp_path, sig):
     assert (tmp_path / "mb" / "chatmail-metadata.sqlite3").exists()
 
 
+def assert_answers_a_lookup(sock_path: str | Path) -> None:
+    """Connect to the dict socket and look up a token nobody stored: ``N``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(20)
+        c.connect(str(sock_path))
+        c.sendall(b"H3\t2\t0\t\tmetadata\nL" + priv("devicetoken") + b"\t" + ALICE.encode() + b"\n")
+        assert c.recv(100) == b"N\n"
+
+
 def test_socket_activation_and_watchdog(tmp_path):
     """As systemd starts it: the socket passed in (fd 3), READY=1 and WATCHDOG=1 pings."""
     activate = shutil.which("systemd-socket-activate")
@@ -269,13 +282,7 @@ def test_socket_activation_and_watchdog(tmp_path):
         while not sock_path.exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
             time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            c.settimeout(20)
-            c.connect(str(sock_path))  # the connection that made systemd start it
-            c.sendall(
-                b"H3\t2\t0\t\tmetadata\nL" + priv("devicetoken") + b"\t" + ALICE.encode() + b"\n"
-            )
-            assert c.recv(100) == b"N\n"
+        assert_answers_a_lookup(sock_path)  # the connection that made systemd start it
         messages = [notify.recv(4096) for _ in range(3)]
         assert b"READY=1" in messages[0]
         assert messages[1:] == [b"WATCHDOG=1", b"WATCHDOG=1"]  # every 0.2 s
@@ -288,6 +295,62 @@ def test_socket_activation_and_watchdog(tmp_path):
         notify.close()
     assert proc.returncode == 0, err
     assert sock_path.exists()  # an activated socket belongs to systemd: not unlinked
+
+
+@contextlib.contextmanager
+def killed_if_left_running(proc: subprocess.Popen) -> Iterator[None]:
+    """Whatever the test did, no child outlives it."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# What systemd does before it execs a socket-activated service: the listening socket
+# becomes fd 3, LISTEN_FDS=1 and LISTEN_PID the service's pid (exec keeps it).
+AS_SYSTEMD = (
+    "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); "
+    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def serve_inherited_socket_once(listener: socket.socket, ini: Path, env: dict[str, str]) -> None:
+    """One service start under a ``.socket`` unit: answer one lookup on the inherited
+    socket's path, then stop cleanly on SIGTERM."""
+    path = listener.getsockname()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AS_SYSTEMD, str(listener.fileno()), *command(), path, str(ini)],
+        env=env,
+        pass_fds=[listener.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with killed_if_left_running(proc):
+        assert_answers_a_lookup(path)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_inherited_socket_survives_a_restart(tmp_path):
+    """Under a ``.socket`` unit systemd keeps the listening socket across service restarts;
+    its path must stay, or Dovecot cannot reach the restarted service (Python 3.13's
+    ``create_unix_server`` unlinks the path on close unless told not to)."""
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    sock_path = tmp_path / "inherited.socket"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:  # the .socket unit
+        listener.bind(str(sock_path))
+        listener.listen()
+        for _start in range(2):
+            serve_inherited_socket_once(listener, ini, env)
+            assert sock_path.exists()  # the socket belongs to systemd: not unlinked
 
 
 def test_journald_format_when_stderr_is_the_journal(tmp_path):

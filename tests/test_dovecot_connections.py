@@ -19,6 +19,8 @@ from devstack.metadata import MetadataServer
 from devstack.process import running
 from devstack.pushsink import PushSink
 
+pytestmark = pytest.mark.dovecot  # every test here starts a real Dovecot (`stack`)
+
 
 def dict_counter(metrics_url: str, name: str) -> float:
     text = httpx.get(metrics_url).text
