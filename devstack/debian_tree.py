@@ -30,6 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 # Bump when what goes into a tree changes (not the package list: that is in the stamp).
 FORMAT_VERSION = 1
@@ -137,7 +138,7 @@ def find_debootstrap() -> str | None:
     )
 
 
-def ensure_tree(release: Release, progress=sys.stderr) -> Path:
+def ensure_tree(release: Release, progress: TextIO = sys.stderr) -> Path:
     """The tree for ``release``, built first if missing or stale.
 
     Raises :class:`TreeUnavailable` (one line) if it cannot be built.  Progress goes
@@ -168,7 +169,7 @@ def ensure_tree(release: Release, progress=sys.stderr) -> Path:
     return root
 
 
-def _debootstrap(release: Release, target: Path, mirror: str, progress) -> None:
+def _debootstrap(release: Release, target: Path, mirror: str, progress: TextIO) -> None:
     command = [
         find_debootstrap() or "debootstrap",
         "--variant=minbase",

@@ -23,10 +23,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from devstack import debian_tree
 from devstack.accounts import USERS
@@ -105,7 +107,7 @@ def host_build() -> DovecotBuild | None:
     return DovecotBuild(dovecot_major(out), binary)
 
 
-def build_for(version: str) -> DovecotBuild:
+def build_for(version: str, progress: TextIO | None = None) -> DovecotBuild:
     """A Dovecot of major ``version``: the host's if it is that version, else one from
     a Debian tree (built first if missing or stale, with progress on stderr).
 
@@ -113,9 +115,11 @@ def build_for(version: str) -> DovecotBuild:
     :class:`devstack.debian_tree.TreeUnavailable`, each with a one-line reason.
     """
     host = host_build()
-    if host is not None and host.version == version:
+    if host is None:
+        raise LookupError("dovecot binary not found (install dovecot-imapd and dovecot-lmtpd)")
+    if host.version == version:
         return host
-    root = debian_tree.ensure_tree(debian_tree.release_for(version))
+    root = debian_tree.ensure_tree(debian_tree.release_for(version), progress or sys.stderr)
     return DovecotBuild(version, "dovecot", root)
 
 

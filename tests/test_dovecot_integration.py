@@ -1,4 +1,4 @@
-"""Integration tests: a real Dovecot 2.3 with the shipped config and Lua hook, talking
+"""Integration tests: a real Dovecot (2.3 and 2.4, see the ``dovecot_build`` fixture) with the shipped config and Lua hook, talking
 to a real ``chatmail-metadata`` process (fixtures in ``conftest.py``).
 
 Every test gets a fresh, empty metadata database; the Dovecot instance (and the
