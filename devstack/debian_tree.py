@@ -151,6 +151,14 @@ def ensure_tree(release: Release, progress: TextIO = sys.stderr) -> Path:
     reason = why_unbuildable()
     if reason:
         raise TreeUnavailable(f"cannot build the Debian {release.debian} tree {root}: {reason}")
+    try:
+        return _build(release, root, mirror, progress)
+    except OSError as exc:
+        reason = f"cannot build the Debian {release.debian} tree {root}: {exc}"
+        raise TreeUnavailable(reason) from None
+
+
+def _build(release: Release, root: Path, mirror: str, progress: TextIO) -> Path:
     building = root.with_name(root.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.parent.mkdir(parents=True, exist_ok=True)
