@@ -192,19 +192,22 @@ def _debootstrap(release: Release, target: Path, mirror: str, progress: TextIO) 
     )
     assert proc.stdout is not None
     tail: list[str] = []
-    phase, count = "", 0
+    seen: set[str] = set()
+    per_package_lines = 0
     for line in proc.stdout:
         line = line.rstrip()
         tail = [*tail[-19:], line]
-        # debootstrap prints one "I: Retrieving/Validating/Extracting/Unpacking/..."
-        # line per package (about 200 each): show the first of each phase and every
-        # 25th, so the build visibly moves without flooding the terminal.
+        # debootstrap prints "I: Retrieving/Validating/Extracting/Unpacking/... <pkg>"
+        # for each of ~150 packages: show the first line of each kind and every 25th,
+        # so the build visibly moves without flooding the terminal.
         per_package = PER_PACKAGE_RE.match(line)
-        verb = per_package.group(1) if per_package else ""
-        count = count + 1 if verb == phase else 1
-        phase = verb
-        if not per_package or count % 25 == 1:
-            print(f"   {line}", file=progress, flush=True)
+        if per_package:
+            per_package_lines += 1
+            first = per_package.group(1) not in seen
+            seen.add(per_package.group(1))
+            if not first and per_package_lines % 25:
+                continue
+        print(f"   {line}", file=progress, flush=True)
     if proc.wait() != 0:
         shutil.rmtree(target, ignore_errors=True)
         last = "; ".join(t for t in tail[-3:] if t)
@@ -255,15 +258,32 @@ def _copy_host_config(root: Path, release: Release, mirror: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m devstack.debian_tree [DOVECOT_MAJOR]``: build the tree if needed."""
+    """``python -m devstack.debian_tree [--other | DOVECOT_MAJOR]``: build the tree if
+    missing or stale and print its path.  ``--other``: the tree with the Dovecot major
+    version the host does not have packaged (what the tests need besides the host's)."""
     args = sys.argv[1:] if argv is None else argv
-    release = release_for(args[0] if args else "2.4")
     try:
+        if args == ["--other"]:
+            release = _other_release()
+        else:
+            release = release_for(args[0] if args else "2.4")
         print(ensure_tree(release))
-    except TreeUnavailable as exc:
+    except (TreeUnavailable, LookupError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _other_release() -> Release:
+    from devstack.dovecot import host_build  # devstack.dovecot imports this module
+
+    host = host_build()
+    if host is None:
+        raise LookupError("no dovecot on this host: install dovecot-imapd first")
+    others = [r for r in RELEASES if r.dovecot_major != host.version]
+    if len(others) != 1:
+        raise LookupError(f"no single other Dovecot major version next to {host.version}")
+    return others[0]
 
 
 if __name__ == "__main__":
