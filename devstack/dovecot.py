@@ -340,6 +340,10 @@ class DovecotInstance(LogFile):
                 _stop_namespace(self.proc)
             stop_process(self.proc)
             self.proc = None
+        self._remove_mount_point()
+
+    def _remove_mount_point(self) -> None:
+        """The empty directory in the tree the run directory was mounted on."""
         if self.tree is not None:
             with contextlib.suppress(OSError):
                 self._mount_point().rmdir()
@@ -369,12 +373,27 @@ class DovecotInstance(LogFile):
         """``doveconf -c <this config> ARGS`` of this instance's Dovecot (after
         :meth:`write_config`); e.g. ``doveconf("-n")`` to validate the config."""
         program = "doveconf" if self.tree else _sibling(self.binary, "doveconf")
-        return subprocess.run(
-            self.command(program, "-c", str(self.config_path), *args),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        try:
+            return subprocess.run(
+                self.command(program, "-c", str(self.config_path), *args),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            if self.proc is None:
+                self._remove_mount_point()
+
+    @property
+    def master_pid(self) -> int | None:
+        """The Dovecot master's PID on this machine (SIGTERM stops it): in a tree that
+        is ``unshare``'s child, since ``unshare`` itself ignores SIGTERM."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        if self.tree is None:
+            return self.proc.pid
+        children = _children(self.proc.pid)
+        return children[0] if children else None
 
     # -- log: see LogFile ---------------------------------------------------
 
@@ -392,16 +411,22 @@ def _sibling(binary: str, program: str) -> str:
     return shutil.which(program) or str(Path(binary).with_name(program))
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
 def _stop_namespace(unshare: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the Dovecot master (``unshare``'s child, PID 1 of its namespace) and
     wait for ``unshare`` to exit: the kernel then has killed every process in the
-    namespace.  Signalling ``unshare`` itself would return before Dovecot is gone."""
+    namespace.  ``unshare`` itself ignores SIGTERM while it waits."""
     if unshare.poll() is not None:
         return
-    children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
-    with contextlib.suppress(OSError, ValueError):
-        for pid in children.read_text().split():
-            os.kill(int(pid), signal.SIGTERM)
+    for pid in _children(unshare.pid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         unshare.wait(timeout)
 
