@@ -104,7 +104,12 @@ def host_build() -> DovecotBuild | None:
     if binary is None:
         return None
     out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
-    return DovecotBuild(dovecot_major(out), binary)
+    try:
+        return DovecotBuild(dovecot_major(out), binary)
+    except ValueError:
+        # A dovecot that cannot say its version will not start either: starting it
+        # (with the 2.3 config) shows its own error, which says more than a guess here.
+        return DovecotBuild("2.3", binary)
 
 
 def build_for(version: str, progress: TextIO | None = None) -> DovecotBuild:
