@@ -14,7 +14,8 @@ Stale trees: a finished build writes the stamp file ``<tree>/.chatmail-tree`` ho
 :data:`FORMAT_VERSION`, the suite, the mirror and the package list.  A tree whose stamp
 is missing (an interrupted build) or differs from what this module would build now is
 rebuilt from scratch; a build goes to ``<tree>.building`` and is renamed into place
-only when complete, so a half-built tree is never used.
+only when complete, so a half-built tree is never used; ``<tree>.lock`` makes
+concurrent builders (other worktrees, CI jobs) wait for one build.
 
 Inside the tree go the host's CA certificates and apt configuration (proxy, mirror
 settings) and an apt source for the same mirror the host uses, so ``apt-get`` in the
@@ -23,6 +24,7 @@ tree works where it works on the host.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -152,7 +154,14 @@ def ensure_tree(release: Release, progress: TextIO = sys.stderr) -> Path:
     if reason:
         raise TreeUnavailable(f"cannot build the Debian {release.debian} tree {root}: {reason}")
     try:
-        return _build(release, root, mirror, progress)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # Worktrees and CI jobs on one machine share the cache: one builds, the others
+        # wait for it and then use its tree.
+        with open(root.with_name(root.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if is_current(root, release, mirror):
+                return root
+            return _build(release, root, mirror, progress)
     except OSError as exc:
         reason = f"cannot build the Debian {release.debian} tree {root}: {exc}"
         raise TreeUnavailable(reason) from None
