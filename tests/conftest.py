@@ -49,10 +49,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Dovecot prints a fatal config error on stderr (its log process is not up yet) and
-# exits 89; this stand-in does the same and also writes a line to the log file.
+# exits 89; this stand-in does the same and also writes a line to the log file next to
+# its config (`dovecot -F -c CONFIG`; `dovecot --version` writes nothing anywhere).
 FAILING_DOVECOT = """#!/bin/sh
 echo "doveconf: Fatal: Error in configuration file $3 line 1: stand-in failure" >&2
-echo "master: Error: stand-in log line" >> "$(dirname "$3")/dovecot.log"
+[ -z "$3" ] || echo "master: Error: stand-in log line" >> "$(dirname "$3")/dovecot.log"
 exit 89
 """
 
