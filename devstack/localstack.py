@@ -2,7 +2,9 @@
 
 Started by ``scripts/run-local`` (``python -m devstack.localstack`` from the
 repository root).  Dovecot runs self-contained on 127.0.0.1 (free ports, a run
-directory under /tmp) with the config files from ``dovecot/``; the notifier hands
+directory under /tmp) with the config files from ``dovecot/``: the host's Dovecot,
+or with ``--dovecot 2.4`` (or 2.3) that major version, from a Debian tree if the host
+has the other one (:mod:`devstack.debian_tree`, built on first use); the notifier hands
 pushes to the push proxy embedded in chatmail-metadata, whose log-only provider
 prints what it would send to Apple or Google (token digests only).  It registers
 a demo token for alice over IMAP, prints a short guide (:mod:`devstack.guide`),
@@ -29,7 +31,15 @@ from pathlib import Path
 
 from devstack import imap_command
 from devstack.accounts import USERS
-from devstack.dovecot import DovecotInstance, find_dovecot, make_run_dir
+from devstack.debian_tree import TreeUnavailable
+from devstack.dovecot import (
+    VERSIONS,
+    DovecotBuild,
+    DovecotInstance,
+    build_for,
+    host_build,
+    make_run_dir,
+)
 from devstack.guide import guide
 from devstack.imap import ImapClient
 from devstack.loopback import free_port
@@ -55,6 +65,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="relay metrics port on 127.0.0.1 (default: a free port)",
     )
     p.add_argument(
+        "--dovecot",
+        choices=VERSIONS,
+        help="Dovecot major version (default: the host's; the other one runs from a "
+        "Debian tree in /var/cache/chatmail-push, built on first use as root)",
+    )
+    p.add_argument(
         "--no-follow",
         action="store_true",
         help="print the guide and exit, leaving the stack running (for scripts)",
@@ -67,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["imap"]:
         return imap_command.main(argv[1:])
     args = parse_args(argv)
-    binary = find_dovecot()
-    if binary is None:
+    try:
+        build = build_for(args.dovecot) if args.dovecot else host_build()
+    except (LookupError, TreeUnavailable) as exc:
+        return _fail(f"no Dovecot {args.dovecot}: {exc}")
+    if build is None:
         return _fail("dovecot not found: run scripts/install-deps first")
     try:
-        return run(args, binary)
+        return run(args, build)
     except StartError as exc:
         kept = args.run_dir or f"(removed; {PROG} --run-dir DIR keeps the files of a failed start)"
         return _fail(f"{exc}\nrun directory: {kept}")
@@ -79,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(args: argparse.Namespace, binary: str) -> int:
+def run(args: argparse.Namespace, build: DovecotBuild) -> int:
     """Start the stack, print the guide, follow the log; everything started is undone on exit.
 
     With ``--no-follow`` the processes keep running and the run directory stays.
@@ -94,7 +113,7 @@ def run(args: argparse.Namespace, binary: str) -> int:
             run_dir = (caller / args.run_dir).resolve()
             run_dir.mkdir(parents=True, exist_ok=True)
             run_dir.chmod(0o755)  # Dovecot's mail processes (nobody) must reach the socket
-        dovecot = DovecotInstance(run_dir, binary)
+        dovecot = DovecotInstance.from_build(run_dir, build)
         metadata = MetadataServer(run_dir, dovecot.metadata_socket, "embedded")
         metrics_port = args.metrics_port or free_port()
         metadata.notifiers = {"log_provider": "true", "debounce_seconds": "10"}
@@ -103,11 +122,12 @@ def run(args: argparse.Namespace, binary: str) -> int:
 
         start_all(cleanup, metadata, dovecot)
         register_demo_token(dovecot)
+        print(f"{build.describe()} is up", flush=True)
         print(guide(run_dir, dovecot, metadata, metrics_port), flush=True)
         if args.no_follow:
             cleanup.pop_all()
-            assert metadata.proc is not None and dovecot.proc is not None
-            print(f"stop it with: kill {metadata.proc.pid} {dovecot.proc.pid}")
+            assert metadata.proc is not None and dovecot.master_pid is not None
+            print(f"stop it with: kill {metadata.proc.pid} {dovecot.master_pid}")
             return 0
         follow(metadata.log_path)
         print("\nstopping ...", flush=True)

@@ -1,10 +1,11 @@
--- chatmail push trigger for Dovecot 2.3's push_notification Lua driver.
+-- chatmail push trigger for the push_notification Lua driver of Dovecot 2.3 and 2.4
+-- (the same file for both: neither the hooks nor the mail API it uses changed).
 --
--- Loaded only for LMTP (see conf.d/90-chatmail-metadata.conf).  For every message
+-- Loaded only for LMTP (see <version>/conf.d/90-chatmail-metadata.conf).  For every message
 -- delivered to a user whose sender (the From header's address) is somebody else,
 -- it writes the IMAP METADATA entry /private/messagenew = "" on the mailbox the
 -- message went to.  Dovecot turns that into a dict transaction
---   B<id>\t<user>  /  S<id>\tpriv/<mailbox-guid>/messagenew\t  /  C<id>
+--   B<id>\t<user>[\t0]  /  S<id>\tpriv/<mailbox-guid>/messagenew\t  /  C<id>
 -- and chatmail-metadata answers it by queueing a push to the user's devices.
 --
 -- A failing dict (chatmail-metadata down, commit refused) must never fail or

@@ -5,9 +5,15 @@ The fake push services' fixtures (``fake_apns_cert``, ``fake_fcm``, ...) are in
 
 Integration fixtures for a real Dovecot (:mod:`devstack.dovecot`):
 
-* ``dovecot_stack`` (session): one self-contained Dovecot on 127.0.0.1 (free ports,
-  temporary run directory, users alice@example.org / bob@example.org) plus the
-  ``chatmail-metadata`` process it talks to.  Skips if there is no ``dovecot`` binary.
+* ``dovecot_build`` (session, parametrised ``2.3`` / ``2.4``): which Dovecot a test
+  runs against: the host's packaged one, and the other major version from a Debian
+  tree (:mod:`devstack.debian_tree`, built on first use, about a minute).  If one
+  cannot be had (no ``dovecot``, not root, no debootstrap, no network) its tests are
+  skipped with the reason, which the terminal summary repeats; with ``CI=true`` they
+  fail instead.  Every test using it (or the fixtures below) is marked ``dovecot``.
+* ``dovecot_stack`` (session, per version): one self-contained Dovecot on 127.0.0.1
+  (free ports, temporary run directory, users alice@example.org / bob@example.org)
+  plus the ``chatmail-metadata`` process it talks to.
 * ``relay`` (function): the same Dovecot with a freshly started ``chatmail-metadata``
   on an empty database.  Extra ``chatmail.ini`` settings per test with
   ``@pytest.mark.chatmail_ini(metadata={"max_value_bytes": 400000}, params={...})``.
@@ -17,13 +23,16 @@ Integration fixtures for a real Dovecot (:mod:`devstack.dovecot`):
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from devstack.dovecot import DovecotInstance, find_dovecot, make_run_dir
+from devstack import debian_tree
+from devstack.dovecot import VERSIONS, DovecotBuild, DovecotInstance, build_for, make_run_dir
 from devstack.metadata import MetadataServer
 from devstack.pushsink import PushSink
 from devstack.relay import Relay
@@ -40,12 +49,57 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Dovecot prints a fatal config error on stderr (its log process is not up yet) and
-# exits 89; this stand-in does the same and also writes a line to the log file.
+# exits 89; this stand-in does the same and also writes a line to the log file next to
+# its config (`dovecot -F -c CONFIG`; `dovecot --version` writes nothing anywhere).
 FAILING_DOVECOT = """#!/bin/sh
 echo "doveconf: Fatal: Error in configuration file $3 line 1: stand-in failure" >&2
-echo "master: Error: stand-in log line" >> "$(dirname "$3")/dovecot.log"
+[ -z "$3" ] || echo "master: Error: stand-in log line" >> "$(dirname "$3")/dovecot.log"
 exit 89
 """
+
+
+DOVECOT_FIXTURES = {"dovecot_build", "dovecot_stack", "relay"}
+# Why a Dovecot version's tests were skipped, for the terminal summary.
+DOVECOT_SKIPS: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``-m "not dovecot"`` leaves out every test that needs a real Dovecot."""
+    for item in items:
+        if DOVECOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.dovecot)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for version, reason in sorted(DOVECOT_SKIPS.items()):
+        terminalreporter.write_line(f"Dovecot {version} tests skipped: {reason}", yellow=True)
+
+
+@functools.cache
+def _find_build(version: str) -> DovecotBuild | str:
+    """The build for ``version``, or the one-line reason there is none (tried once)."""
+    try:
+        # Build progress goes to the real stderr: pytest captures the fixture's.
+        return build_for(version, progress=sys.__stderr__)
+    except (LookupError, ValueError, debian_tree.TreeUnavailable) as exc:
+        return str(exc)
+
+
+def dovecot_build_or_skip(version: str) -> DovecotBuild:
+    """The Dovecot ``version`` to test against; skips (fails under CI=true) without it."""
+    found = _find_build(version)
+    if isinstance(found, DovecotBuild):
+        return found
+    reason = f"Dovecot {version}: {found}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must run both Dovecot versions)", pytrace=False)
+    DOVECOT_SKIPS[version] = found
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", params=VERSIONS, ids=[f"dovecot{v}" for v in VERSIONS])
+def dovecot_build(request) -> DovecotBuild:
+    return dovecot_build_or_skip(request.param)
 
 
 @pytest.fixture
@@ -68,12 +122,9 @@ def push_sink():
 
 
 @pytest.fixture(scope="session")
-def dovecot_stack(push_sink):
-    binary = find_dovecot()
-    if binary is None:
-        pytest.skip("dovecot binary not found (install dovecot-imapd and dovecot-lmtpd)")
+def dovecot_stack(dovecot_build, push_sink):
     run_dir = make_run_dir()
-    dovecot = DovecotInstance(run_dir, binary)
+    dovecot = DovecotInstance.from_build(run_dir, dovecot_build)
     metadata = MetadataServer(run_dir, dovecot.metadata_socket, push_sink.url)
     try:
         dovecot.start()

@@ -14,12 +14,24 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = sorted((REPO / "systemd").glob("*.service"))
 
 
-def install(root: Path, *args: str, lmtp_dict: str = "") -> subprocess.CompletedProcess:
-    """Stage the installer into ``root``; a stand-in doveconf answers ``lmtp_dict``."""
+SNIPPET = "etc/dovecot/conf.d/90-chatmail-metadata.conf"
+# What `doveconf -f protocol=lmtp mail_attribute` prints for the 2.4 snippet.
+LMTP_ATTRIBUTE_24 = "mail_attribute {\n  dict proxy {\n    name = lmtp\n  }\n}"
+
+
+def install(
+    root: Path, *args: str, lmtp_dict: str = "", dovecot: str = "2.3.19.1 (9b53102964)"
+) -> subprocess.CompletedProcess:
+    """Stage the installer into ``root``; a stand-in doveconf answers ``lmtp_dict`` and a
+    stand-in ``dovecot`` on PATH says ``dovecot --version`` is ``dovecot``."""
     root.mkdir(parents=True, exist_ok=True)
     fake = root.parent / f"{root.name}-doveconf"
     fake.write_text(f"#!/bin/sh\necho '{lmtp_dict}'\n")
     fake.chmod(0o755)
+    bin_dir = root.parent / f"{root.name}-bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "dovecot").write_text(f"#!/bin/sh\necho '{dovecot}'\n")
+    (bin_dir / "dovecot").chmod(0o755)
     return subprocess.run(
         [
             str(REPO / "deploy" / "install-relay"),
@@ -32,7 +44,7 @@ def install(root: Path, *args: str, lmtp_dict: str = "") -> subprocess.Completed
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "DOVECONF": str(fake)},
+        env={**os.environ, "DOVECONF": str(fake), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
     )
 
 
@@ -97,3 +109,44 @@ def test_units_are_rated_ok_or_better(unit):
     assert match, out.stdout + out.stderr
     assert match.group(2) in {"OK", "SAFE"}, match.group(0)
     assert float(match.group(1)) <= 4.9
+
+
+def test_install_relay_installs_the_snippet_of_the_installed_dovecot(tmp_path):
+    res = install(tmp_path, "--mail-domain", "x.org", dovecot="2.4.1-4 (7d8c0e5759)")
+    assert res.returncode == 0, res.stderr
+    snippet = (tmp_path / SNIPPET).read_text()
+    assert "Dovecot 2.4 syntax" in snippet
+    assert "socket_path = /run/chatmail-metadata/metadata.socket" in snippet
+    assert "lua_file = /etc/dovecot/push_notification.lua" in snippet
+    assert "@" not in re.sub(r"#.*", "", snippet)
+    assert "Dovecot 2.4: install dovecot/2.4/conf.d/90-chatmail-metadata.conf" in res.stdout
+
+
+def test_upgrade_from_2_3_to_2_4_replaces_the_snippet_and_says_so(tmp_path):
+    assert install(tmp_path, "--mail-domain", "x.org").returncode == 0
+    assert "Dovecot 2.3 syntax" in (tmp_path / SNIPPET).read_text()
+    res = install(tmp_path, dovecot="2.4.1-4 (7d8c0e5759)", lmtp_dict=LMTP_ATTRIBUTE_24)
+    assert res.returncode == 0, res.stderr
+    assert "Dovecot 2.4: replace the Dovecot 2.3 snippet" in res.stdout
+    assert "Dovecot 2.4 syntax" in (tmp_path / SNIPPET).read_text()
+    # 2.4's LMTP dict name comes from its mail_attribute block
+    dropin = tmp_path / "etc/systemd/system/chatmail-metadata.service.d/delivery-dict.conf"
+    assert "--delivery-dict lmtp" in dropin.read_text()
+
+
+def test_dry_run_says_which_snippet_and_changes_nothing(tmp_path):
+    assert install(tmp_path, "--mail-domain", "x.org").returncode == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    res = install(tmp_path, "--dry-run", dovecot="2.4.1-4 (7d8c0e5759)")
+    assert res.returncode == 0, res.stderr
+    assert "would replace the Dovecot 2.3 snippet" in res.stdout
+    assert "nothing changed" in res.stdout
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    res = install(tmp_path / "fresh", "--dry-run", dovecot="2.4.1-4 (7d8c0e5759)")
+    assert "would install dovecot/2.4/conf.d/90-chatmail-metadata.conf as" in res.stdout
+
+
+def test_unknown_dovecot_version_is_one_line(tmp_path):
+    res = install(tmp_path, "--mail-domain", "x.org", dovecot="2.5.0 (abc)")
+    assert res.returncode == 1
+    assert res.stderr.strip() == "install-relay: no snippet for Dovecot 2.5 (supported: 2.3, 2.4)"

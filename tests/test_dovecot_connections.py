@@ -1,6 +1,7 @@
 """Both ways Dovecot connects to the dict: one connection per IMAP session (shipped,
-``proxy:idle_msecs=60000:``) and a new connection per IMAP command (Dovecot's default,
-as upstream chatmail configures it)."""
+2.3 ``proxy:idle_msecs=60000:``, 2.4 ``idle_timeout = 60s``) and a new connection per
+IMAP command (Dovecot's default, as upstream chatmail configures it); each for both
+Dovecot versions."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from devstack.accounts import USERS
-from devstack.dovecot import DovecotInstance, find_dovecot, make_run_dir
+from devstack.dovecot import DovecotInstance, make_run_dir
 from devstack.imap import ImapClient
 from devstack.lmtp import deliver
 from devstack.loopback import free_port
@@ -30,13 +31,10 @@ def dict_counter(metrics_url: str, name: str) -> float:
 
 
 @pytest.fixture(params=["shipped", "per-command"])
-def stack(request):
-    binary = find_dovecot()
-    if binary is None:
-        pytest.skip("dovecot binary not found (install dovecot-imapd and dovecot-lmtpd)")
+def stack(request, dovecot_build):
     run_dir = make_run_dir()
     sink = PushSink()
-    dovecot = DovecotInstance(run_dir, binary, attribute_dict=request.param)
+    dovecot = DovecotInstance.from_build(run_dir, dovecot_build, attribute_dict=request.param)
     metadata = MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
     port = free_port()
     metadata.extra_args = ["--metrics", f"127.0.0.1:{port}"]
@@ -70,8 +68,13 @@ def test_dict_connections(stack):
             # 22 IMAP commands, one dict connection (Dovecot connects lazily, once).
             assert connections <= 2
             assert dict_counter(metrics_url, "open_connections") >= 1
-        else:
+        elif dovecot.version == "2.3":
             assert connections >= 21
+        else:
+            # 2.4.1 closes an idle connection on its next ioloop pass, so a command
+            # that follows within about a millisecond sometimes rides on it (seen on
+            # the wire: a SET and the GET right after it on one connection).
+            assert connections >= 11
         assert dict_counter(metrics_url, "commits") >= 11
     finally:
         imap.logout()

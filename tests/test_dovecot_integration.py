@@ -1,5 +1,6 @@
-"""Integration tests: a real Dovecot 2.3 with the shipped config and Lua hook, talking
-to a real ``chatmail-metadata`` process (fixtures in ``conftest.py``).
+"""Integration tests: a real Dovecot with the shipped config and Lua hook, talking to a
+real ``chatmail-metadata`` process (fixtures in ``conftest.py``), each test against
+Dovecot 2.3 and 2.4 (the ``dovecot_build`` fixture).
 
 Every test gets a fresh, empty metadata database; the Dovecot instance (and the
 users' maildirs) are shared by the session.  After each test the fixture fails it
