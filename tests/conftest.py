@@ -58,11 +58,15 @@ exit 89
 """
 
 
-DOVECOT_FIXTURES = {"dovecot_build", "dovecot_stack", "relay"}
+# Fixtures that start a real Dovecot: every test using one (directly or through another
+# fixture) gets the `dovecot` marker. Modules whose own fixtures start Dovecot mark
+# themselves (pytestmark).
+DOVECOT_FIXTURES = frozenset({"dovecot_build", "dovecot_stack", "relay", "local_stack"})
 # Why a Dovecot version's tests were skipped, for the terminal summary.
 DOVECOT_SKIPS: dict[str, str] = {}
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """``-m "not dovecot"`` leaves out every test that needs a real Dovecot."""
     for item in items:
@@ -158,17 +162,3 @@ def relay(dovecot_stack, push_sink, request):
         problems.append(f"chatmail-metadata exited with status {metadata.proc.returncode}")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
-
-
-# -- the `dovecot` marker ------------------------------------------------------------
-# Fixtures that start a real Dovecot; every test using one (directly or through another
-# fixture, e.g. `relay`) gets the `dovecot` marker, so `-m "not dovecot"` runs none.
-# Modules whose own fixtures start Dovecot mark themselves (pytestmark).
-DOVECOT_FIXTURES = frozenset({"dovecot_stack", "local_stack"})
-
-
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if DOVECOT_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.dovecot)
