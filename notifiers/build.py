@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from .debounce import Debouncer
+from .heartbeat_loop import heartbeats_from_settings
 from .metrics import ProxyMetrics
 from .providers.base import Provider
 from .providers.registry import LABEL, PROVIDERS
@@ -51,10 +52,10 @@ def build_providers(settings: ProxySettings) -> dict[Kind, Provider]:
 def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = None) -> NotifyService:
     """A :class:`NotifyService` with the enabled providers, debouncer and metrics."""
     providers = build_providers(settings)
-    if settings.interval or settings.db:
-        log.info("--interval/--db accepted for compatibility and ignored: no heartbeats")
+    metrics = metrics if metrics is not None else ProxyMetrics()
     return NotifyService(
         providers,
         metrics=metrics,
+        heartbeats=heartbeats_from_settings(settings, providers, metrics),
         debouncer=Debouncer(settings.debounce_seconds, settings.debounce_max_entries),
     )
