@@ -21,6 +21,7 @@ SECTIONS = {
     "imap": "bench.bench_imap",
     "notifier": "bench.bench_notifier",
     "proxy": "bench.bench_proxy",
+    "heartbeat": "bench.bench_heartbeat",
 }
 
 

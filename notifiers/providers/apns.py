@@ -18,6 +18,10 @@ per-frame TLS writes.  Two ways to authenticate, as Apple offers:
   ``authorization: bearer``, reused and renewed after 50 minutes (Apple rejects
   tokens older than an hour and refreshing more than every 20 minutes).
 
+Heartbeats (``/register``) are silent background pushes to the same hosts
+(:class:`BackgroundPush`: ``apns-push-type: background``, priority 5,
+``{"aps":{"content-available":1}}``), through the same limiter.
+
 Non-hex device tokens never reach this module: the token grammar refuses them
 (``/notify`` answers 400), and :meth:`ApnsProvider.send` repeats the check
 (RETRY, never GONE) so that no such token is spliced into the request path.
