@@ -23,6 +23,7 @@ SECTIONS = {
     "proxy": "bench.bench_proxy",
     "openpgp": "bench.bench_openpgp",
     "webpush": "bench.bench_webpush",
+    "heartbeat": "bench.bench_heartbeat",
 }
 
 

@@ -15,6 +15,7 @@ import logging
 
 from . import forwarding, openpgp
 from .debounce import Debouncer
+from .heartbeat_loop import heartbeats_from_settings
 from .metrics import ProxyMetrics
 from .providers.base import Provider
 from .providers.registry import LABEL, PROVIDERS
@@ -52,8 +53,6 @@ def build_providers(settings: ProxySettings) -> dict[Kind, Provider]:
 def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = None) -> NotifyService:
     """A :class:`NotifyService` with the enabled providers, debouncer and metrics."""
     providers = build_providers(settings)
-    if settings.interval or settings.db:
-        log.info("--interval/--db accepted for compatibility and ignored: no heartbeats")
     decryptor = openpgp.build(settings)
     upstream = forwarding.build(settings)
     if decryptor is not None and upstream is None:
@@ -65,9 +64,11 @@ def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = Non
             "stock Delta Chat clients encrypt to notifications.delta.chat: set --upstream-url "
             "to forward those instead"
         )
+    metrics = metrics if metrics is not None else ProxyMetrics()
     return NotifyService(
         providers,
         metrics=metrics,
+        heartbeats=heartbeats_from_settings(settings, providers, metrics),
         debouncer=Debouncer(settings.debounce_seconds, settings.debounce_max_entries),
         decryptor=decryptor,
         upstream=upstream,

@@ -3,7 +3,8 @@
 Startup logs which providers are enabled.  A broken key or certificate file, or
 an address it cannot listen on, is one line on stderr naming the file or the
 address, and exit status 1 (not a traceback), because that is what an operator
-sees in ``systemctl status``.  SIGTERM and SIGINT stop the listeners,
+sees in ``systemctl status``.  With ``--db`` the heartbeat loop runs once the
+listeners are up.  SIGTERM and SIGINT stop the heartbeats and the listeners,
 let requests in flight finish, close the provider connections and exit 0.
 """
 
@@ -22,6 +23,7 @@ from chatmail_common.systemd import notify
 
 from .app import make_app, make_metrics_app, start_listener
 from .build import build_service
+from .heartbeat_store import HeartbeatStoreError
 from .providers.base import ProviderConfigError
 from .settings import ProxySettings, settings_from_args
 
@@ -31,6 +33,7 @@ log = logging.getLogger("notifiers")
 async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
     service = build_service(settings)
+    heartbeats = service.heartbeats
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -44,6 +47,8 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
         if address is not None:
             runners.append(await start_listener(make_metrics_app(service.metrics), *address))
             log.info("metrics on http://%s:%d/metrics", *address)
+        if heartbeats is not None:
+            await heartbeats.start()
         notify("READY=1")  # Type=notify: the listeners are up
         await stop.wait()
         notify("STOPPING=1")
@@ -51,6 +56,8 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if heartbeats is not None:  # before the providers it sends through are closed
+            await heartbeats.aclose()
         for runner in reversed(runners):
             await runner.cleanup()
         await service.aclose()  # idempotent; also when the app never started
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level.upper())
     try:
         asyncio.run(serve(settings))
-    except (ProviderConfigError, OSError) as exc:  # a broken key file, a taken port
+    except (ProviderConfigError, HeartbeatStoreError, OSError) as exc:  # a broken file, a port
         print(f"notifiers: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -105,9 +105,12 @@ class EmbeddedProxy:
         if self._service is None:
             self._service = build_service(self.settings)
         service = self._service
+        heartbeats = service.heartbeats
         self._stopping = asyncio.Event()
         try:
             await service.start()
+            if heartbeats is not None:  # no /register here, but a schedule is drained
+                await heartbeats.start()
             address = self.settings.metrics_address
             if address is not None:
                 self._metrics_runner = await start_listener(
@@ -118,6 +121,8 @@ class EmbeddedProxy:
             ready.set_result(None)
             await self._stopping.wait()
         finally:
+            if heartbeats is not None:
+                await heartbeats.aclose()
             if self._metrics_runner is not None:
                 await self._metrics_runner.cleanup()
             await service.aclose()

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 from .debounce import Debouncer
 from .forwarding import Upstream
+from .heartbeat import HEARTBEAT_KINDS
+from .heartbeat_loop import Heartbeats
+from .heartbeat_store import HeartbeatStoreError
 from .metrics import ProxyMetrics
 from .openpgp import NO_KEYRING, DecryptionError, UnknownRecipient
 from .providers.base import Delivery, Outcome, Provider
@@ -110,10 +113,13 @@ class NotifyService:
         upstream: Upstream | None = None,
         forward_all: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         if forward_all and upstream is None:
             raise ValueError("forward_all needs an upstream")
         self.providers = dict(providers)
+        #: the heartbeat schedule ``/register`` writes to; None: heartbeats off
+        self.heartbeats = heartbeats
         self.metrics = metrics if metrics is not None else ProxyMetrics()
         self.debouncer = debouncer if debouncer is not None else Debouncer()
         self.decryptor = decryptor
@@ -318,11 +324,12 @@ class NotifyService:
     async def register(self, body: str) -> NotifyResult:
         """Handle ``/register`` (JSON ``{"token": ...}``) from old iOS clients.
 
-        Heartbeats (periodic silent pushes) are NOT implemented: chatmail core
-        removed heartbeat registration in 2026 (core PR #8452, for privacy: the
-        proxy saw users' IP addresses) and it only ever served iOS on classic
-        mail servers.  So the token is validated and counted, and 200 is
-        answered so that old clients do not retry forever; nothing is scheduled.
+        With heartbeats on (``--db``), an APNs token is scheduled for a silent
+        push every interval (:mod:`notifiers.heartbeat_loop`) and any other
+        kind is refused 400: upstream stored those and dropped them later.
+        With heartbeats off, the token is validated and counted and 200 is
+        answered, so that old clients do not retry forever; nothing is kept.
+        Chatmail core removed heartbeat registration in 2026 (core PR #8452).
         """
         try:
             data = json.loads(body)
@@ -345,12 +352,21 @@ class NotifyService:
             parsed = parse_token(token)
         except TokenError as exc:
             return _malformed(f"malformed token: {exc}")
-        self.metrics.heartbeat_registrations.inc()
-        log.info(
-            "heartbeat registration for %s token %s (heartbeats not implemented)",
-            parsed.kind.value,
-            parsed.digest,
-        )
+        if self.heartbeats is None:
+            self.metrics.heartbeat_registrations.inc()
+            log.info(
+                "heartbeat registration for %s token %s (heartbeats off: no --db)",
+                parsed.kind.value,
+                parsed.digest,
+            )
+            return _sent("")
+        if parsed.kind not in HEARTBEAT_KINDS:
+            return _malformed(f"heartbeats are for APNs tokens only, not {parsed.kind.value}")
+        try:
+            await self.heartbeats.register(parsed)
+        except HeartbeatStoreError as exc:
+            log.error("heartbeat registration for %s not stored: %s", parsed.digest, exc)
+            return _retry("cannot store the registration")
         return _sent("")
 
     # -- trailing debounced sends ---------------------------------------------------

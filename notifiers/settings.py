@@ -11,9 +11,10 @@ is the long option's name with ``_`` for ``-`` (``--fcm-key-path`` is
 
 Secrets never come from argv (any user can read a process's command line): the
 APNs certificate password comes from ``--password-file`` or the environment
-variable ``NOTIFIERS_CERT_PASSWORD``.  ``--interval`` and ``--db`` are
-upstream's heartbeat options: accepted so that upstream command lines keep
-working, and ignored (heartbeats are not implemented).
+variable ``NOTIFIERS_CERT_PASSWORD``.  ``--db`` and ``--interval`` are
+upstream's heartbeat options (:mod:`notifiers.heartbeat`): heartbeats run only
+with ``--db``, an SQLite file (upstream's default, a sled directory, is not
+read), so a proxy started without it keeps no state on disk.
 
 Turning settings into a running service is :mod:`notifiers.build`.
 """
@@ -30,6 +31,7 @@ from chatmail_common.hostport import parse_host_port
 from . import forwarding, openpgp
 from .app import DEFAULT_BODY_LIMIT
 from .debounce import DEFAULT_MAX_ENTRIES, DEFAULT_WINDOW
+from .heartbeat import parse_duration
 from .options import (
     Option,
     add_arguments,
@@ -54,8 +56,6 @@ __all__ = [
     "settings_from_args",
     "settings_from_mapping",
 ]
-
-_IGNORED = "accepted for compatibility and ignored, as heartbeats are not implemented"
 
 #: The proxy's own options (the providers declare theirs).
 PROXY_OPTIONS: tuple[Option, ...] = (
@@ -90,12 +90,19 @@ PROXY_OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "db",
+        path,
+        help="SQLite file of the heartbeat schedule: with it, APNs tokens POSTed to /register "
+        "get a silent push every --interval (old iOS clients; chatmail core removed "
+        "heartbeats in 2026); without it, heartbeats are off",
+        metavar="PATH",
+    ),
+    Option(
         "interval",
-        text,
-        help=f"upstream's heartbeat period: {_IGNORED} (chatmail core removed them in 2026)",
+        parse_duration,
+        help="heartbeat period, e.g. 20m or 1h 5m, jittered by 5%% (default 20m)",
         metavar="DURATION",
     ),
-    Option("db", path, help=f"upstream's heartbeat database: {_IGNORED}", metavar="PATH"),
     Option("log_level", log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"),
 )
 

@@ -67,7 +67,7 @@ def test_help_lists_upstream_and_own_options():
         "--log-level",
     ):
         assert option in proc.stdout
-    assert "heartbeats are not implemented" in " ".join(proc.stdout.split())
+    assert "without it, heartbeats are off" in " ".join(proc.stdout.split())
     assert PASSWORD_ENV in proc.stdout
     # Only options that work: Web Push, openpgp: decryption and upstream forwarding (issue 8).
     assert "--vapid-key-path" in proc.stdout and "--webpush-allowed-endpoints" in proc.stdout

@@ -18,6 +18,10 @@ per-frame TLS writes.  Two ways to authenticate, as Apple offers:
   ``authorization: bearer``, reused and renewed after 50 minutes (Apple rejects
   tokens older than an hour and refreshing more than every 20 minutes).
 
+Heartbeats (``/register``) are silent background pushes to the same hosts
+(:class:`BackgroundPush`: ``apns-push-type: background``, priority 5,
+``{"aps":{"content-available":1}}``), through the same limiter.
+
 Non-hex device tokens never reach this module: the token grammar refuses them
 (``/notify`` answers 400), and :meth:`ApnsProvider.send` repeats the check
 (RETRY, never GONE) so that no such token is spliced into the request path.
@@ -36,6 +40,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -85,6 +90,11 @@ PAYLOAD = json.dumps(
     separators=(",", ":"),
 ).encode()
 
+#: The silent heartbeat payload: wakes the app in the background, shows nothing.
+#: (Upstream's library also wrote ``"mutable-content":0``, which Apple ignores
+#: without an alert; reference §4 marks it uncertain.)
+BACKGROUND_PAYLOAD = b'{"aps":{"content-available":1}}'
+
 #: APNs reasons that mean the token will never work again -> GONE (410 to the relay).
 GONE_REASONS = frozenset(
     {"BadDeviceToken", "DeviceTokenNotForTopic", "ExpiredToken", "Unregistered"}
@@ -99,6 +109,23 @@ DEFAULT_RETRY_AFTER = 1.0
 
 #: Where the ``.p12`` password comes from when no ``--password-file`` is given.
 PASSWORD_ENV = "NOTIFIERS_CERT_PASSWORD"
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundPush(PushToken):
+    """A token to be woken by a silent background push (a heartbeat) instead of the
+    visible "new messages" alert.
+
+    Why a kind of token and not another method: heartbeats go through the same
+    :class:`~notifiers.ratelimit.RateLimitedProvider` as the visible pushes, so
+    the ``apns_*`` limits stay the proxy's total towards Apple and a 429 backs
+    off both; the limiter hands the token through unchanged, and
+    :meth:`ApnsProvider.send` picks the request by its class.
+    """
+
+    @classmethod
+    def of(cls, token: PushToken) -> BackgroundPush:
+        return cls(**{f.name: getattr(token, f.name) for f in fields(PushToken)})
 
 
 class _JwtSigner:
@@ -212,13 +239,20 @@ class ApnsProvider(Provider):
             signer=signer,
         )
 
-    def _headers(self) -> list[tuple[str, str]]:
-        headers = [
-            ("apns-push-type", "alert"),
-            ("apns-priority", "10"),
-            ("apns-collapse-id", "new_messages"),
-            ("content-type", "application/json"),
-        ]
+    def _headers(self, background: bool) -> list[tuple[str, str]]:
+        if background:  # Apple: background pushes must be priority 5, no collapse id needed
+            headers = [
+                ("apns-push-type", "background"),
+                ("apns-priority", "5"),
+                ("content-type", "application/json"),
+            ]
+        else:
+            headers = [
+                ("apns-push-type", "alert"),
+                ("apns-priority", "10"),
+                ("apns-collapse-id", "new_messages"),
+                ("content-type", "application/json"),
+            ]
         if self.topic:
             headers.append(("apns-topic", self.topic))
         if self._signer is not None:
@@ -226,13 +260,16 @@ class ApnsProvider(Provider):
         return headers
 
     async def send(self, token: PushToken) -> Delivery:
+        """The visible push, or the silent one for a :class:`BackgroundPush`."""
         refused = refuse_malformed(token, self.name)
         if refused is not None:
             return refused
         request_path = f"{self._path_prefix}/3/device/{token.device}"
+        background = isinstance(token, BackgroundPush)
+        payload = BACKGROUND_PAYLOAD if background else PAYLOAD
         try:
             response = await self._client.request(
-                "POST", request_path, self._headers(), PAYLOAD, timeout=self.timeout
+                "POST", request_path, self._headers(background), payload, timeout=self.timeout
             )
         except (H2Error, OSError, TimeoutError) as exc:
             log.warning("APNs send for %s failed: %s", token.digest, type(exc).__name__)
@@ -241,6 +278,10 @@ class ApnsProvider(Provider):
         if delivery.outcome is not Outcome.SENT:
             log.info("APNs answered %s %s for %s", response.status, delivery.details, token.digest)
         return delivery
+
+    async def send_background(self, token: PushToken) -> Delivery:
+        """A silent background push (heartbeat) to ``token``, without the rate limiter."""
+        return await self.send(BackgroundPush.of(token))
 
     async def aclose(self) -> None:
         await self._client.aclose()
