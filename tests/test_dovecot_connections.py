@@ -73,8 +73,10 @@ def test_dict_connections(stack):
         else:
             # 2.4.1 closes an idle connection on its next ioloop pass, so a command
             # that follows within about a millisecond sometimes rides on it (seen on
-            # the wire: a SET and the GET right after it on one connection).
-            assert connections >= 11
+            # the wire: a SET and the GET right after it on one connection; on a
+            # Debian 13 host 10 connections for the 22 commands). How often is timing:
+            # the claim is only that connections are not kept, unlike "shipped" (<= 2).
+            assert connections >= 6
         assert dict_counter(metrics_url, "commits") >= 11
     finally:
         imap.logout()

@@ -378,7 +378,10 @@ async def test_register_refuses_non_apns_tokens(harness, caplog):
     refused = [
         "fcm-chat.delta:cXXXX:APA91bSecret",
         "ubports-SecretUbports",
-        "webpush:https://push.example/Secret|BNcKey|k3hAuth",
+        # a well-formed subscription (the grammar refuses malformed ones before this check)
+        "webpush:https://push.example/Secret"
+        "|BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM"
+        "|tBHItJI5svbpez7KI4CCXg",
     ]
     async with TestClient(TestServer(make_app(service), host="127.0.0.1")) as client:
         with caplog.at_level(logging.DEBUG):
