@@ -170,7 +170,9 @@ def test_many_deliveries_while_proxy_is_slow_are_coalesced(relay, sink):
     # One POST in flight absorbs nothing; everything delivered meanwhile waits in
     # one queued job.  200 deliveries take `elapsed` s, each POST takes 1 s.
     assert 1 <= posts[b"popular-token"] <= 2 + int(elapsed)
-    assert posts[b"popular-token"] < 20
+    # However long the deliveries took on this machine, far fewer pushes than mails
+    # (a fixed "< 20" assumed the 200 deliveries finish within 18 s).
+    assert posts[b"popular-token"] <= 200 // 4
 
 
 def test_imap_client_setting_messagenew_triggers_nothing(relay, sink):
