@@ -23,3 +23,17 @@ class Recording(Provider):
 def sample(metrics: ProxyMetrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
+
+
+def fake_apns_options(fake_apns, apns_key, ca_path) -> dict[str, str]:
+    """``[notifiers]`` options that point APNs (token auth) at a fake APNs, UBports off."""
+    return {
+        "apns_key_file": str(apns_key.path),
+        "apns_key_id": apns_key.key_id,
+        "apns_team_id": apns_key.team_id,
+        "topic": "chat.delta",
+        "apns_url": fake_apns.url,
+        "apns_sandbox_url": fake_apns.url,
+        "ca_file": str(ca_path),
+        "ubports": "false",
+    }

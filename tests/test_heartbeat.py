@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from helpers_proxy import fake_apns_options
 
 from chatmail_common.outcome import Outcome
 from devstack.fakes.apns import apns_error
@@ -71,19 +72,8 @@ async def until(predicate, what: str, timeout: float = 15.0) -> None:
 
 @pytest.fixture
 def apns_settings(fake_apns_jwt, apns_key, ca_path, tmp_path) -> ProxySettings:
-    return settings_from_mapping(
-        {
-            "apns_key_file": str(apns_key.path),
-            "apns_key_id": apns_key.key_id,
-            "apns_team_id": apns_key.team_id,
-            "topic": "chat.delta",
-            "apns_url": fake_apns_jwt.url,
-            "apns_sandbox_url": fake_apns_jwt.url,
-            "ca_file": ca_path,
-            "ubports": "false",
-            "db": str(tmp_path / "heartbeats.sqlite3"),
-        }
-    )
+    options = fake_apns_options(fake_apns_jwt, apns_key, ca_path)
+    return settings_from_mapping({**options, "db": str(tmp_path / "heartbeats.sqlite3")})
 
 
 class Harness:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers_proxy import APNS, Recording, sample
+from helpers_proxy import APNS, Recording, fake_apns_options, sample
 
 from devstack.openpgp_tokens import (
     encrypt_raw,
@@ -396,14 +396,7 @@ def test_client_token_reaches_fake_apns_as_the_device_token(
 ):
     device = "ef" * 32
     options = {
-        "apns_key_file": str(apns_key.path),
-        "apns_key_id": apns_key.key_id,
-        "apns_team_id": apns_key.team_id,
-        "topic": "chat.delta",
-        "apns_url": fake_apns_jwt.url,
-        "apns_sandbox_url": fake_apns_jwt.url,
-        "ca_file": ca_path,
-        "ubports": "false",
+        **fake_apns_options(fake_apns_jwt, apns_key, ca_path),
         "openpgp_keyring_path": str(keyring_path),
     }
     with EmbeddedProxy(settings_from_mapping(options, env={})) as proxy:
