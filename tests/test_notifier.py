@@ -226,7 +226,6 @@ def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
         # so the last attempt is at it; dropped long before the 5 attempts the policy allows
         # (2 when the machine is so slow that the second attempt ends past the deadline).
         assert 2 <= len(sink.requests) <= 3
-        assert sink.requests[-1].at - sink.requests[0].at >= 0.45
         assert r.notifier.metrics.dropped._value.get() == 1
     finally:
         r.close()
