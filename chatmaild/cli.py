@@ -151,7 +151,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         proxy, notifier = start_notifier(config, metrics)
         backend = MetadataDict(
             MetadataStore(conn),
-            ServerKeys(config),
+            ServerKeys(config, on_turn_failure=metrics.turn_failures.inc),
             limits=config.limits,
             hook=notifier,
             delivery_dict=config.delivery_dict,

@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from chatmail_common.logclip import clip
+
 from . import dictproto as dp
 from .metadata import MetadataDict
 
@@ -137,7 +139,7 @@ def _own_failure(ev: dp.Refusal) -> None:
 
 def _log_problems(conn: dp.DictConnection) -> None:
     while conn.problems:
-        log.warning("%s", conn.problems.popleft())
+        log.warning("%s", clip(conn.problems.popleft()))
 
 
 class ServerStats:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from chatmail_common.digest import token_digest
+from chatmail_common.logclip import clip
 
 from . import dictproto as dp
 from .config import Limits
@@ -164,10 +165,15 @@ class MetadataDict:
         try:
             return self._commit(ev)
         except CommitRefused as exc:
-            log.warning("commit refused for %s (dict %r): %s", ev.user, ev.dict_name, exc)
+            log.warning(
+                "commit refused for %s (dict %s): %s",
+                clip(ev.user),
+                clip(repr(ev.dict_name)),
+                clip(exc),
+            )
             return dp.Failure(str(exc))
         except sqlite3.Error as exc:
-            log.error("commit failed for %s: %s", ev.user, exc)
+            log.error("commit failed for %s: %s", clip(ev.user), exc)
             return dp.Failure(f"storage error: {exc}")
 
     def _apply(self, conn: sqlite3.Connection, ev: dp.Commit) -> tuple[bool, bool]:
@@ -206,11 +212,7 @@ class MetadataDict:
                 if current is None:
                     notfound = True
                     continue
-                try:
-                    number = int(current) + op.diff
-                except ValueError:
-                    raise CommitRefused("atomic increment of a non-numeric value") from None
-                self.store.set_attribute(user, op.key, str(number).encode())
+                self.store.set_attribute(user, op.key, _incremented(current, op.diff))
         if new_keys:
             count = self.store.count_attributes(user)
             if count > self.limits.max_attributes:
@@ -243,6 +245,18 @@ class MetadataDict:
         log.debug("new mail for %s: %d token(s)", ev.user, len(tokens))
         if tokens and self.hook is not None:
             self.hook.message_new(conn, ev.user, tokens, now)
+
+
+def _incremented(current: bytes, diff: int) -> bytes:
+    """``current + diff`` as decimal text; refused when ``current`` is no number or the
+    result is past Python's int/str conversion limit (4,300 digits), which raises
+    ``ValueError`` on either side of the addition."""
+    try:
+        return str(int(current) + diff).encode()
+    except ValueError:
+        raise CommitRefused(
+            "atomic increment of a non-numeric value or of one past 4300 digits"
+        ) from None
 
 
 def _validate_token(raw: bytes) -> str:

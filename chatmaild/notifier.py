@@ -155,9 +155,10 @@ class Notifier:
             return  # finished, removed with its token, or never committed
         digest = token_digest(job.token)
         now = self.clock()
-        if job.attempts > self.policy.max_attempts or now > job.deadline:
+        expired = self.policy.expired(job.deadline, now)
+        if job.attempts > self.policy.max_attempts or expired:
             # Claimed after a restart with nothing left: this claim sends nothing.
-            why = "deadline passed" if now > job.deadline else "no attempt left"
+            why = "deadline passed" if expired else "no attempt left"
             self._drop(store, job, digest, f"not sent, {why}", job.attempts - 1)
             return
         start = time.perf_counter()

@@ -66,6 +66,11 @@ class RelayMetrics:
             "jobs_dropped", "Push jobs dropped after their last attempt or deadline"
         )
         self.tokens_removed = counter("tokens_removed", "Device tokens removed after a 410 answer")
+        self.turn_failures = Counter(
+            "chatmail_turn_helper_failures",
+            "Asks of the TURN helper that failed (lookups inside the cached failure not counted)",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "chatmail_push_queue_depth", "Push jobs waiting in the in-memory queue", registry=r
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
@@ -19,6 +21,11 @@ log = logging.getLogger(__name__)
 SERVER_KEY_PREFIX = b"vendor/vendor.dovecot/pvt/server/vendor/deltachat/"
 TURN_PORT = 3478
 TURN_TIMEOUT = 5.0
+#: After a failed ask of the TURN helper, ``turn`` answers "not found" at once for this
+#: long: Delta Chat reads the key on every login, so a missing helper would otherwise cost
+#: a socket attempt (and, before, a log line) per GETMETADATA.  Short, so that a helper
+#: that comes back is used again within seconds.
+TURN_FAILURE_CACHE_SECONDS = 5.0
 #: Names answered from configuration; listings (``I``) show these, sorted.
 STATIC_NAMES = (b"appversions", b"irohrelay", b"maxsmtprecipients")
 #: Answered by asking the TURN helper (I/O), so only on a lookup, never in a listing.
@@ -70,11 +77,25 @@ async def read_turn_credentials(socket_path: str, timeout: float | None = None) 
 
 
 class ServerKeys:
-    """Answers the served names; ``turn`` is the only one that needs I/O."""
+    """Answers the served names; ``turn`` is the only one that needs I/O.
 
-    def __init__(self, config: Config) -> None:
+    The TURN helper's state is logged once per change (a WARNING when it fails, an INFO
+    when it answers again); ``on_turn_failure`` is called for every failed ask (the
+    relay metrics count them).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        on_turn_failure: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self._appversions_cache: tuple[float, bytes | None] | None = None
+        self._on_turn_failure = on_turn_failure
+        self._clock = clock
+        self._turn_down = False
+        self._turn_retry_at = 0.0
 
     def static_value(self, name: bytes) -> bytes | None:
         if name == b"irohrelay":
@@ -99,9 +120,20 @@ class ServerKeys:
         return cached[1]
 
     async def turn(self) -> bytes | None:
+        if self._turn_down and self._clock() < self._turn_retry_at:
+            return None  # failed moments ago: no socket attempt, no log line
+        path = self.config.turn_socket_path
         try:
-            cred = await read_turn_credentials(self.config.turn_socket_path)
+            cred = await read_turn_credentials(path)
         except Exception as exc:  # any failure of the helper answers N
-            log.warning("TURN credentials unavailable (%s): %r", self.config.turn_socket_path, exc)
+            self._turn_retry_at = self._clock() + TURN_FAILURE_CACHE_SECONDS
+            if self._on_turn_failure is not None:
+                self._on_turn_failure()
+            if not self._turn_down:
+                self._turn_down = True
+                log.warning("TURN credentials unavailable (%s): %r", path, exc)
             return None
+        if self._turn_down:
+            self._turn_down = False
+            log.info("TURN helper answers again (%s)", path)
         return f"{self.config.turn_hostname}:{TURN_PORT}:{cred}".encode()

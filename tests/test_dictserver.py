@@ -434,3 +434,26 @@ def test_connections_by_version_on_the_metrics_registry():
     text = generate_latest(metrics.registry).decode()
     assert 'chatmail_dict_connections_by_protocol_total{dovecot="2.3"} 1.0' in text
     assert 'chatmail_dict_connections_by_protocol_total{dovecot="2.4"} 2.0' in text
+
+
+def test_huge_transaction_id_is_echoed_exactly_but_logged_capped(tmp_path, caplog):
+    proto, transport = adapter(make_backend(tmp_path))
+    txid = b"7" * (dp.DEFAULT_MAX_LINE - 8)  # as long as a line may be
+    proto.data_received(HELLO + wire(b"C" + txid))
+    assert transport.written.startswith(b"F" + txid + b"\t")  # Dovecot matches the id
+    assert transport.written.count(b"\n") == 1
+    assert caplog.records, "the unknown transaction is logged"
+    for record in caplog.records:
+        assert len(record.getMessage()) < 1000
+
+
+def test_increment_past_the_int_digit_limit_is_a_clean_refusal(tmp_path, caplog):
+    proto, transport = adapter(make_backend(tmp_path))
+    a = ALICE.encode()
+    key = priv("n")
+    proto.data_received(HELLO + set_cmd("1", key, b"9" * 4300) + wire(b"B2\t" + a))
+    proto.data_received(wire(b"A2\t" + key + b"\t1", b"C2"))
+    assert transport.written.startswith(b"O1\nF2\t")
+    assert transport.written.count(b"\n") == 2
+    assert "Traceback" not in caplog.text
+    assert not any(r.exc_info for r in caplog.records)

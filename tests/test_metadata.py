@@ -21,6 +21,7 @@ from helpers_chatmaild import (
     RecordingHook,
     Session,
     make_backend,
+    make_config,
     priv,
     reply_bytes,
     shared,
@@ -560,3 +561,47 @@ def test_iterate_does_not_list_expired_devicetoken(s, clock):
     s.set(priv("devicetoken"), b"tok")
     clock.advance(91 * DAY)
     assert s.iterate(priv(""), flags=0) == b"\n"
+
+
+def test_missing_turn_helper_warns_once_caches_the_failure_and_recovers(
+    tmp_path, monkeypatch, caplog
+):
+    sock_path = tmp_path / "turn.socket"
+    clock = Clock()
+    failures = []
+    keys = serverkeys.ServerKeys(
+        make_config(tmp_path, f"turn_socket_path = {sock_path}\n"),
+        on_turn_failure=lambda: failures.append(1),
+        clock=clock,
+    )
+    attempts = []
+    real_read = serverkeys.read_turn_credentials
+
+    async def counting_read(path, timeout=None):
+        attempts.append(path)
+        return await real_read(path, timeout)
+
+    monkeypatch.setattr(serverkeys, "read_turn_credentials", counting_read)
+
+    async def handle(reader, writer):
+        writer.write(b"user:pass\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        answers = [await keys.turn() for _ in range(1000)]
+        assert answers == [None] * 1000
+        assert len(attempts) == 1 and failures == [1]  # one socket attempt in the window
+        server = await asyncio.start_unix_server(handle, path=str(sock_path))
+        async with server:
+            assert await keys.turn() is None  # still inside the cached failure
+            clock.advance(serverkeys.TURN_FAILURE_CACHE_SECONDS)
+            assert await keys.turn() == b"example.org:3478:user:pass"
+            assert await keys.turn() == b"example.org:3478:user:pass"
+        assert len(attempts) == 3
+
+    with caplog.at_level("INFO", logger="chatmaild.serverkeys"):
+        asyncio.run(main())
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == ["WARNING", "INFO"], lines
+    assert "unavailable" in lines[0][1] and "answers again" in lines[1][1]

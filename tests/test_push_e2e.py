@@ -151,9 +151,10 @@ def test_job_past_its_deadline_is_dropped(relay, sink):
     offset = relay.metadata.log_size()
     deliver_ok(relay)
     relay.metadata.wait_for_log("dropped after", offset=offset)
-    # Attempts at t=0 and about t=0.3; the next one (about t=0.6) would pass the deadline,
-    # so the job is dropped well before its 5 attempts.
-    assert 1 <= len(sink.requests) <= 2
+    # Attempts at t=0, about t=0.3 and t=0.5: the next one (about t=0.6) would pass the
+    # deadline, so the last is made at it; dropped well before its 5 attempts (2 when the
+    # second attempt ends past the deadline on a slow machine).
+    assert 2 <= len(sink.requests) <= 3
 
 
 def test_many_deliveries_while_proxy_is_slow_are_coalesced(relay, sink):
