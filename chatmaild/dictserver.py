@@ -6,6 +6,12 @@ command and lookups are answered synchronously from SQLite: the hot path is
 needs I/O (TURN) pauses the connection's event processing until it is written, so
 replies always leave in command order.
 
+Flow control: a client that pipelines lookups and does not read would otherwise make
+the server buffer every reply (a 60 KiB value 1,500 times is 90 MB).  Past
+``WRITE_HIGH_WATER`` bytes in the transport's write buffer the connection stops
+reading and stops taking buffered events from its ``DictConnection``; when the buffer
+drains to the low-water mark it resumes both, so replies stay in order.
+
 The backend returns typed replies (``dp.Found``, ``dp.COMMITTED``, ``dp.Failure``, ...);
 every byte written comes from ``DictConnection.send``, which refuses a reply the event
 cannot take.  A backend that raises, or returns something else, still ends in the one
@@ -34,6 +40,12 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
 
+# Per-connection output bound: pause above the high mark, resume below the low one.
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
+# Replies are written in batches of about this size, so a pause takes effect in time.
+FLUSH_BYTES = 64 * 1024
+
 # Python 3.13 made ``create_unix_server`` unlink the socket's path when the server
 # closes (``cleanup_socket=True``); 3.11 and 3.12 have no such option and never unlink.
 KEEP_SOCKET_PATH: dict[str, bool] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
@@ -47,7 +59,8 @@ class DictProtocol(asyncio.Protocol):
         self.conn = dp.DictConnection(max_line, backend.limits.max_value_bytes)
         self.stats = stats
         self.transport: asyncio.Transport | None = None
-        self._busy = False
+        self._busy = False  # a reply that needs I/O is pending
+        self._paused = False  # the write buffer is past its high-water mark
         self._version_counted = False
         self._handlers: dict[type, Callable[[Any], object]] = {
             dp.Lookup: backend.lookup,
@@ -58,6 +71,7 @@ class DictProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.stats.connections += 1
         self.stats.open_connections += 1
 
@@ -69,8 +83,22 @@ class DictProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
-        if not self._busy:
+        if not self._busy and not self._paused:
             self._process()
+
+    # -- flow control (asyncio calls these as the write buffer crosses its marks) --
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.transport is None:
+            return
+        self.transport.resume_reading()
+        if not self._busy:
+            self._process()  # the events already buffered while paused
 
     def _process(self) -> None:
         conn = self.conn
@@ -78,7 +106,8 @@ class DictProtocol(asyncio.Protocol):
         reply_types = dp.REPLY_TYPES
         need_data = dp.NEED_DATA
         out: list[bytes] = []
-        while (ev := conn.next_event()) is not need_data:
+        out_bytes = 0
+        while not self._paused and (ev := conn.next_event()) is not need_data:
             kind = type(ev)
             handler = handlers.get(kind)
             if handler is None:
@@ -91,7 +120,12 @@ class DictProtocol(asyncio.Protocol):
                 log.exception("error handling %s", kind.__name__)
                 reply = dp.Failure(f"internal error: {exc}")
             if type(reply) in reply_types or reply is None or not inspect.isawaitable(reply):
-                out.append(self._send(ev, reply))  # type: ignore[arg-type]
+                data = self._send(ev, reply)  # type: ignore[arg-type]
+                out.append(data)
+                out_bytes += len(data)
+                if out_bytes >= FLUSH_BYTES:  # may pause_writing(), ending the loop
+                    self._write(out)
+                    out, out_bytes = [], 0
                 continue
             # An answer that needs I/O: flush what we have, then wait for it in order.
             self._write(out)
@@ -124,7 +158,7 @@ class DictProtocol(asyncio.Protocol):
             reply = dp.Failure(f"internal error: {exc}")
         self._write([self._send(ev, reply)])
         self._busy = False
-        if self.transport is not None:
+        if self.transport is not None and not self._paused:
             self._process()
 
     def _write(self, chunks: list[bytes]) -> None:

@@ -9,6 +9,10 @@ served by worker threads.  Each worker opens its own
 token and records the verdict: SENT done, GONE delete that token, RETRY on the
 :class:`~chatmaild.jobqueue.RetryPolicy` schedule.  The store does every write in
 its own transaction: the notifier knows no SQL, no lock and no table.
+
+Workers are supervised: a worker that cannot open its store or transport (at the fd
+limit, ``OSError: Too many open files``) retries with capped backoff instead of dying,
+and a worker whose loop raises is replaced and counted, so pushing never stops silently.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ log = logging.getLogger(__name__)
 
 
 Ticket = tuple[int, str, str]
+
+# Reopening a worker's job store and transport after a failure: 0.1 s doubling to 5 s.
+OPEN_RETRY_FIRST = 0.1
+OPEN_RETRY_MAX = 5.0
 
 
 def _ticket(job: Job) -> Ticket:
@@ -63,7 +71,10 @@ class Notifier:
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
         self._parked: dict[tuple[str, str], set[Ticket]] = {}
+        self._stopping = threading.Event()
+        self._live = 0  # workers with their resources open (under _lock)
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
+        self.metrics.workers_live.set_function(lambda: self._live)
 
     # -- NewMailHook (runs in the dict server's thread) ---------------------
     def message_new(
@@ -93,8 +104,9 @@ class Notifier:
         finally:
             store.close()
         self.queue.put_many([(job.due, _ticket(job)) for job in jobs])
+        self._stopping.clear()
         for i in range(self.workers):
-            t = threading.Thread(target=self._worker, name=f"notifier-{i}", daemon=True)
+            t = threading.Thread(target=self._supervise, name=f"notifier-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info(
@@ -103,6 +115,7 @@ class Notifier:
         return len(jobs)
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
         self.queue.close()
         deadline = time.monotonic() + timeout
         for t in self._threads:
@@ -110,9 +123,63 @@ class Notifier:
         self._threads.clear()
 
     # -- workers ------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Run a worker until the queue closes; one that dies is replaced (and counted)."""
+        restart_delay = OPEN_RETRY_FIRST
+        while True:
+            try:
+                self._worker()
+                return  # the queue was closed: a clean stop
+            except Exception:
+                if self._stopping.is_set():
+                    return
+                self.metrics.worker_restarts.inc()
+                log.exception("notifier worker died; replacing it in %.1f s", restart_delay)
+            if self._stopping.wait(restart_delay):
+                return
+            restart_delay = min(restart_delay * 2, OPEN_RETRY_MAX)
+
+    def _open(self) -> tuple[JobStore, PushTransport] | None:
+        """The worker's job store and transport, retried with backoff; None once stopping.
+
+        One log line when opening starts failing and one when it works again, not one
+        per retry: at the fd limit twelve workers would otherwise flood the log.
+        """
+        delay = OPEN_RETRY_FIRST
+        failing = False
+        while True:
+            try:
+                store = self.open_jobs()
+                try:
+                    transport = self.transport_factory()
+                except BaseException:
+                    store.close()
+                    raise
+            except Exception as exc:
+                if not failing:
+                    failing = True
+                    log.error(
+                        "notifier worker cannot open its job store or push transport: %s;"
+                        " retrying every %.1f-%.0f s",
+                        exc,
+                        OPEN_RETRY_FIRST,
+                        OPEN_RETRY_MAX,
+                    )
+                if self._stopping.wait(delay):
+                    return None
+                delay = min(delay * 2, OPEN_RETRY_MAX)
+                continue
+            if failing:
+                log.info("notifier worker opened its job store and push transport again")
+            return store, transport
+
     def _worker(self) -> None:
-        store = self.open_jobs()
-        transport = self.transport_factory()
+        opened = self._open()
+        if opened is None:
+            return
+        store, transport = opened
+        with self._lock:
+            self._live += 1
         try:
             while True:
                 try:
@@ -125,8 +192,12 @@ class Notifier:
                     log.exception("notifier job %d failed unexpectedly", ticket[0])
                     self.queue.put(self.clock() + self.policy.delays[0], ticket)
         finally:
-            transport.close()
-            store.close()
+            with self._lock:
+                self._live -= 1
+            try:
+                transport.close()
+            finally:
+                store.close()
 
     def _run(self, store: JobStore, transport: PushTransport, ticket: Ticket) -> None:
         """One push at a time per (user, token): a job whose token is in flight waits.

@@ -81,6 +81,18 @@ class RelayMetrics:
             registry=r,
         )
 
+        # Worker supervision (issue 10): a dead worker is replaced, never silently lost.
+        self.workers_live = Gauge(
+            "chatmail_notifier_workers_live",
+            "Notifier worker threads with their job store and transport open, serving jobs",
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "chatmail_notifier_worker_restarts",
+            "Notifier workers replaced after an exception escaped their loop",
+            registry=r,
+        )
+
     def track_dict_server(self, stats: object) -> None:
         """Expose the dict server's live counters (a ``dictserver.ServerStats``) on scrape."""
         self.registry.register(_DictStatsCollector(stats))

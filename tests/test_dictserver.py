@@ -311,6 +311,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return False
 
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass  # writes never block here
+
 
 def adapter(backend) -> tuple[DictProtocol, FakeTransport]:
     proto = DictProtocol(backend, dp.DEFAULT_MAX_LINE, ServerStats())
