@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers_fdlimit import hard_limit, lowered_soft_limit
+
 REPO = Path(__file__).resolve().parent.parent
 
 LOWER_THEN_RAISE = """
@@ -48,3 +50,16 @@ def test_the_notifiers_unit_sets_limit_nofile():
     for unit in ("notifiers.service", "chatmail-metadata.service"):
         lines = (REPO / "systemd" / unit).read_text().splitlines()
         assert any(line.startswith("LimitNOFILE=") for line in lines), unit
+
+
+def test_chatmail_metadata_raises_and_logs_the_limit_at_start(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "chatmaild.cli", str(tmp_path / "s"), str(tmp_path / "no.ini")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lowered_soft_limit(),
+    )
+    assert done.returncode == 1  # the ini is missing: it stops, but after raising the limit
+    assert f"open files limit: raised from 256 to {hard_limit()}" in done.stderr

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
+from helpers_fdlimit import hard_limit, lowered_soft_limit
 
+from devstack.loopback import free_port
 from notifiers.app import ListenerTimeouts, make_app, start_listener
 from notifiers.debounce import Debouncer
 from notifiers.providers.base import Delivery, Provider
@@ -189,3 +194,54 @@ def test_a_client_gone_mid_body_is_a_debug_line(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [r for r in caplog.records if r.exc_info]
     assert any("went away" in r.getMessage() for r in caplog.records)
+
+
+def test_the_notifiers_program_applies_all_of_it(tmp_path):
+    """The real process: fd limit raised and logged, slow clients cut off, no token logged."""
+    port = free_port()
+    args = ["--log-provider", "--port", str(port), "--log-level", "DEBUG"]
+    args += ["--keepalive-timeout", "0.5", "--read-timeout", "0.5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "notifiers.cli", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lowered_soft_limit(),
+    )
+
+    async def client():
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if b"Hello" in await exchange(port, b"GET / HTTP/1.0\r\n\r\n"):
+                    break
+            except ConnectionRefusedError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the proxy did not start"
+            await asyncio.sleep(0.1)
+        await closed_within(port, post(b"fcm", "Content-Length: 200\r\n"), 3.0)
+        await closed_within(port, b"POST /notify HTTP/1.1\r\n", 3.0)
+        for data in MISFRAMED.values():
+            await exchange(port, data, wait=1.0)
+
+    try:
+        asyncio.run(client())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"open files limit: raised from 256 to {hard_limit()}" in err
+    assert "refused a malformed request" in err
+    assert SECRET[:12] not in err
+
+
+def test_timeouts_are_options_with_defaults():
+    from notifiers.settings import settings_from_args, settings_from_mapping
+
+    assert settings_from_args([], env={}).listener_timeouts == ListenerTimeouts(15.0, 10.0)
+    given = settings_from_mapping({"keepalive_timeout": "5", "read_timeout": "2.5"}, env={})
+    assert given.listener_timeouts == ListenerTimeouts(keepalive=5.0, read=2.5)
+    with pytest.raises(ValueError, match="read_timeout"):
+        settings_from_mapping({"read_timeout": "0"}, env={})
