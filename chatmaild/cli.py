@@ -17,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+from chatmail_common.fdlimit import raise_open_files_limit
 from chatmail_common.hostport import parse_host_port
 from chatmail_common.logsetup import configure_logging
 from chatmail_common.systemd import listen_fds, notify, watchdog_interval
@@ -240,6 +241,7 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    log.info("%s", raise_open_files_limit().describe())
     # httpx logs every request at INFO; the notifier logs each outcome itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

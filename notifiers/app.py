@@ -12,19 +12,30 @@ alone does not say which option is wrong.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from chatmail_common.outcome import Outcome
 
+from .listener_log import RequestErrorLog, SafeAccessLogger
 from .metrics import CONTENT_TYPE, ProxyMetrics
 from .service import NotifyResult, NotifyService
 
 DEFAULT_BODY_LIMIT = 8 * 1024
+#: Seconds a connection may sit idle, or take to send its request's headers.
+DEFAULT_KEEPALIVE_TIMEOUT = 15.0
+#: Seconds a request may take to send its body once its headers are in.
+DEFAULT_READ_TIMEOUT = 10.0
+
+log = logging.getLogger("notifiers.http")
 
 SERVICE_KEY: web.AppKey[NotifyService] = web.AppKey("service", NotifyService)
 METRICS_KEY: web.AppKey[ProxyMetrics] = web.AppKey("metrics", ProxyMetrics)
+READ_TIMEOUT_KEY: web.AppKey[float] = web.AppKey("read_timeout", float)
 
 
 #: The relay contract on the wire: 200 done, 410 delete the token, else retry.
@@ -41,11 +52,22 @@ def _answer(result: NotifyResult) -> web.Response:
 
 
 async def _read_text(request: web.Request) -> str | web.Response:
-    """The body as text, or the error response (413 too large, 400 not UTF-8 or empty)."""
+    """The body as text, or the error response (413 too large, 400 not UTF-8 or empty,
+    408 not received within the read timeout).  A client that goes away mid-body is
+    a DEBUG line: nobody is left to answer, and it is no fault of the proxy."""
     try:
-        raw = await request.read()
+        async with asyncio.timeout(request.app[READ_TIMEOUT_KEY]):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return web.Response(status=413, text="request body too large")
+    except TimeoutError:
+        log.debug("request body not received in time: 408")
+        response = web.Response(status=408, text="request body not received in time")
+        response.force_close()
+        return response
+    except ConnectionError as exc:
+        log.debug("client went away mid-body (%s)", type(exc).__name__)
+        return web.Response(status=400, text="client went away")
     if not raw:
         return web.Response(status=400, text="empty body")
     try:
@@ -72,10 +94,16 @@ async def _hello(request: web.Request) -> web.Response:
     return web.Response(text="Hello, world!")
 
 
-def make_app(service: NotifyService, *, body_limit: int = DEFAULT_BODY_LIMIT) -> web.Application:
+def make_app(
+    service: NotifyService,
+    *,
+    body_limit: int = DEFAULT_BODY_LIMIT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+) -> web.Application:
     """The main API.  Starts the service's background task and closes it with the app."""
     app = web.Application(client_max_size=body_limit)
     app[SERVICE_KEY] = service
+    app[READ_TIMEOUT_KEY] = read_timeout
     app.router.add_post("/notify", _notify)
     app.router.add_post("/register", _register)
     app.router.add_get("/", _hello)
@@ -110,13 +138,39 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_listener(app: web.Application, host: str, port: int) -> web.AppRunner:
+@dataclass(frozen=True)
+class ListenerTimeouts:
+    """How long a client may hold a connection without finishing a request.
+
+    ``keepalive``: idle between requests, and from connecting (or the last
+    response) until the headers are in (aiohttp's keep-alive timer, which does
+    not restart on partial data).  ``read``: the body once the headers are in
+    (:func:`make_app`), also the most spent reading and discarding the rest of
+    a refused body before closing.
+    """
+
+    keepalive: float = DEFAULT_KEEPALIVE_TIMEOUT
+    read: float = DEFAULT_READ_TIMEOUT
+
+
+async def start_listener(
+    app: web.Application, host: str, port: int, *, timeouts: ListenerTimeouts | None = None
+) -> web.AppRunner:
     """Serve ``app`` on ``host:port``; the caller cleans the returned runner up.
 
+    Slow clients are cut off (``timeouts``), and aiohttp's request logging is
+    replaced by one that never quotes what the client sent (:mod:`.listener_log`).
     Raises :class:`ListenError` (``cannot listen on HOST:PORT: <reason>``) for an
     unknown host, a taken port or a port it may not bind.
     """
-    runner = web.AppRunner(app)
+    timeouts = timeouts or ListenerTimeouts()
+    runner = web.AppRunner(
+        app,
+        keepalive_timeout=timeouts.keepalive,
+        lingering_time=timeouts.read,
+        logger=RequestErrorLog(),
+        access_log_class=SafeAccessLogger,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from chatmail_common.fdlimit import raise_open_files_limit
 from chatmail_common.logsetup import configure_logging
 from chatmail_common.systemd import notify
 
@@ -40,12 +41,14 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
     runners: list[web.AppRunner] = []
     try:
-        app = make_app(service, body_limit=settings.body_limit)
-        runners.append(await start_listener(app, settings.host, settings.port))
+        app = make_app(service, body_limit=settings.body_limit, read_timeout=settings.read_timeout)
+        timeouts = settings.listener_timeouts
+        runners.append(await start_listener(app, settings.host, settings.port, timeouts=timeouts))
         log.info("listening on http://%s:%d", settings.host, settings.port)
         address = settings.metrics_address
         if address is not None:
-            runners.append(await start_listener(make_metrics_app(service.metrics), *address))
+            metrics_app = make_metrics_app(service.metrics)
+            runners.append(await start_listener(metrics_app, *address, timeouts=timeouts))
             log.info("metrics on http://%s:%d/metrics", *address)
         if heartbeats is not None:
             await heartbeats.start()
@@ -66,6 +69,7 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
     configure_logging(settings.log_level.upper())
+    log.info("%s", raise_open_files_limit().describe())
     try:
         asyncio.run(serve(settings))
     except (ProviderConfigError, HeartbeatStoreError, OSError) as exc:  # a broken file, a port

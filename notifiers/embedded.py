@@ -114,7 +114,9 @@ class EmbeddedProxy:
             address = self.settings.metrics_address
             if address is not None:
                 self._metrics_runner = await start_listener(
-                    make_metrics_app(service.metrics), *address
+                    make_metrics_app(service.metrics),
+                    *address,
+                    timeouts=self.settings.listener_timeouts,
                 )
                 log.info("embedded proxy metrics on http://%s:%d/metrics", *address)
             self._loop = loop

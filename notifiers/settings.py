@@ -29,7 +29,12 @@ from typing import Any
 from chatmail_common.hostport import parse_host_port
 
 from . import forwarding, openpgp
-from .app import DEFAULT_BODY_LIMIT
+from .app import (
+    DEFAULT_BODY_LIMIT,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    ListenerTimeouts,
+)
 from .debounce import DEFAULT_MAX_ENTRIES, DEFAULT_WINDOW
 from .heartbeat import parse_duration
 from .options import (
@@ -68,6 +73,20 @@ PROXY_OPTIONS: tuple[Option, ...] = (
         metavar="HOST:PORT",
     ),
     Option("body_limit", integer(64), DEFAULT_BODY_LIMIT, "request body limit", metavar="BYTES"),
+    Option(
+        "keepalive_timeout",
+        number(0, exclusive=True),
+        DEFAULT_KEEPALIVE_TIMEOUT,
+        "close a connection idle this long, or still sending its request headers",
+        metavar="S",
+    ),
+    Option(
+        "read_timeout",
+        number(0, exclusive=True),
+        DEFAULT_READ_TIMEOUT,
+        "answer 408 and close when a request body takes longer than this",
+        metavar="S",
+    ),
     Option(
         "debounce_seconds",
         number(0, exclusive=True),
@@ -145,6 +164,10 @@ class ProxySettings:
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         return parse_host_port(self.metrics) if self.metrics else None
+
+    @property
+    def listener_timeouts(self) -> ListenerTimeouts:
+        return ListenerTimeouts(keepalive=self.keepalive_timeout, read=self.read_timeout)
 
     @property
     def limits(self) -> dict[str, LimitSettings]:
