@@ -383,3 +383,12 @@ def test_the_gauges_the_alerts_compare_with():
     assert value("chatmail_push_queue_overdue_seconds") == 40
     notifier.queue.get(), notifier.queue.get()
     assert value("chatmail_push_queue_overdue_seconds") == 0
+
+
+def test_every_panel_and_alert_is_explained():
+    """docs/operations.md says what each panel shows (``*Title*``) and each alert means."""
+    text = OPERATIONS.read_text()
+    panels = [p["title"] for p in _panels(load_dashboard()["panels"]) if p["type"] != "row"]
+    assert [title for title in panels if f"*{title}*" not in text] == []
+    alerts = [where.removeprefix("alert ") for where, _ in rule_exprs(load_rules())]
+    assert [alert for alert in alerts if f"### {alert}\n" not in text] == []
