@@ -75,6 +75,16 @@ class DueQueue(Generic[T]):
             self._closed = True
             self._cond.notify_all()
 
+    def overdue_seconds(self) -> float:
+        """How long the earliest item has been due and not taken (0: none is due).
+
+        Exported as a gauge: a value that keeps growing means the workers do not keep up
+        or cannot take jobs (all of them stuck or dead)."""
+        with self._cond:
+            if not self._heap:
+                return 0.0
+            return max(0.0, self.clock() - self._heap[0][0])
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._heap)

@@ -75,6 +75,9 @@ class Notifier:
         self._live = 0  # workers with their resources open (under _lock)
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self.metrics.workers_live.set_function(lambda: self._live)
+        self.metrics.workers_configured.set(workers)
+        self.metrics.queue_overdue.set_function(self.queue.overdue_seconds)
+        self.metrics.retry_first_delay.set(self.policy.delays[0])
 
     # -- NewMailHook (runs in the dict server's thread) ---------------------
     def message_new(

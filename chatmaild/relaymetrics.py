@@ -74,6 +74,17 @@ class RelayMetrics:
         self.queue_depth = Gauge(
             "chatmail_push_queue_depth", "Push jobs waiting in the in-memory queue", registry=r
         )
+        self.queue_overdue = Gauge(
+            "chatmail_push_queue_overdue_seconds",
+            "How long the earliest due push job has waited past its due time (0: none waiting)",
+            registry=r,
+        )
+        # Alert thresholds from the configuration, so rules need no copied constants.
+        self.retry_first_delay = Gauge(
+            "chatmail_push_retry_first_delay_seconds",
+            "Delay before a failed push job's first retry (the retry policy's first delay)",
+            registry=r,
+        )
         self.latency = Histogram(
             "chatmail_push_send_seconds",
             "Time of one push request to the proxy",
@@ -85,6 +96,11 @@ class RelayMetrics:
         self.workers_live = Gauge(
             "chatmail_notifier_workers_live",
             "Notifier worker threads with their job store and transport open, serving jobs",
+            registry=r,
+        )
+        self.workers_configured = Gauge(
+            "chatmail_notifier_workers_configured",
+            "Notifier worker threads configured ([metadata] notify_workers)",
             registry=r,
         )
         self.worker_restarts = Counter(
