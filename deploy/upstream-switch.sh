@@ -108,6 +108,12 @@ switch_data() {
     exit 1
   fi
   echo "$import_summary"
+  if ((EUID == 0)); then  # created by root here; the service runs as the mailboxes' owner
+    local f
+    for f in "$root$database" "$root$database-wal" "$root$database-shm"; do
+      [ -e "$f" ] && chown --reference="$root$mailboxes" "$f"
+    done
+  fi
   install -d -m 0755 "$root$(dirname "$state")"
   printf 'switched_at=%s\nswitched_utc=%s\nsocket=%s\nini=%s\nmailboxes=%s\n' \
     "$switched_at" "$stamp" "$socket" "$up_ini" "$mailboxes" >"$root$state.new"
