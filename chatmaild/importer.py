@@ -264,7 +264,7 @@ def run_queue_import(
                     stats.corrupt += 1
                     log.warning("skipping queue file %s: %s", path.name, exc)
                     continue
-                if policy.expired(started + policy.deadline, now):
+                if started + policy.deadline <= now:  # nothing left to send it in
                     stats.expired += 1
                     continue
                 # created = due = start_ts: due at once, deadline start_ts + policy.deadline

@@ -236,3 +236,22 @@ def test_a_failed_import_restarts_upstream_and_moves_nothing(relay):
     assert "chatmail-metadata.sqlite3" in res.stderr
     assert "systemctl start chatmail-metadata.service (not run" in res.stdout
     assert tree_hash(root) == h0 and not (root / STATE).exists()
+
+
+def test_export_leaves_corrupt_files_and_missing_mailboxes_alone(tmp_path):
+    from chatmaild.exporter import ExportStats, export_tokens
+
+    mailboxes = tmp_path / "mail"
+    (mailboxes / A).mkdir(parents=True)
+    (mailboxes / A / "metadata.json").write_bytes(b"{not json")
+    conn = connect(tmp_path / "db.sqlite3")
+    store = MetadataStore(conn)
+    now = int(time.time())
+    with store.transaction():
+        store.add_token(A, "openpgp:a1", now)
+        store.add_token(D, "openpgp:d1", now)  # no mailbox directory
+    stats = ExportStats()
+    export_tokens(conn, mailboxes, now - 10, now, stats)
+    assert (stats.corrupt, stats.no_mailbox, stats.files_written) == (1, 1, 0)
+    assert (mailboxes / A / "metadata.json").read_bytes() == b"{not json"
+    assert not (mailboxes / D).exists()
