@@ -12,6 +12,15 @@ Tokens that the store's :class:`TokenPolicy` considers expired or too far in the
 future are skipped, and each address keeps at most ``max_per_user`` tokens (the most
 recently set win, counting tokens already in the database).  Tokens are never
 printed: logs show :func:`chatmail_common.digest.token_digest`.
+
+With ``--pending`` it also imports upstream's persistent queue
+(``<mailboxes_dir>/pending_notifications/<uuid>``, each file exactly
+``"<addr>\n<start_ts>\n<token>"``) as jobs, so a push owed when upstream was stopped
+is still sent: the job is created at ``start_ts`` and keeps upstream's deadline from
+it (due at once, as upstream retries every queued item at start).  Empty or partial
+files and ``*.tmp`` leftovers are counted and skipped, as upstream's own fix (b35e84e4)
+skips them; items past their deadline are counted as expired.  ``deploy/install-relay
+--from-upstream`` runs this once, then moves the queue directory aside.
 """
 
 from __future__ import annotations
@@ -30,12 +39,15 @@ from chatmail_common.digest import token_digest
 
 from .config import ConfigError, read_config
 from .database import DatabaseError, connect
+from .jobqueue import RetryPolicy
+from .jobstore import JobStore
 from .metadata import MAX_TOKEN_BYTES
 from .store import MetadataStore
 
 log = logging.getLogger("chatmail-metadata-import")
 
 METADATA_FILE = "metadata.json"
+QUEUE_DIR = "pending_notifications"
 
 
 @dataclass(slots=True)
@@ -59,6 +71,26 @@ class ImportStats:
             f"{self.expired} skipped expired, {self.future} skipped future, "
             f"{self.invalid} skipped invalid, {self.over_cap} skipped over the per-address "
             f"limit, {self.evicted} older tokens evicted, {self.corrupt} corrupt files"
+        )
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Upstream's queue files, each counted exactly once."""
+
+    files: int = 0  # queue files found (``*.tmp`` not included)
+    imported: int = 0  # jobs added: one row each in ``jobs``
+    coalesced: int = 0  # same address and token as a job not yet attempted: one push covers both
+    expired: int = 0  # upstream's deadline (start_ts + 5 h) already passed
+    corrupt: int = 0  # empty, partial or unreadable (upstream deletes these at start)
+    spurious: int = 0  # ``*.tmp`` leftovers of an interrupted write (upstream deletes these)
+
+    def summary(self, dry_run: bool = False) -> str:
+        head = "dry run, nothing written: " if dry_run else ""
+        return (
+            f"{head}{self.files} queued pushes, {self.imported} imported as jobs, "
+            f"{self.coalesced} coalesced with a queued job, {self.expired} skipped past their "
+            f"deadline, {self.corrupt} skipped empty or partial, {self.spurious} skipped .tmp"
         )
 
 
@@ -193,6 +225,82 @@ def run_import(
     return stats
 
 
+def read_queue_file(path: Path) -> tuple[str, int, str]:
+    """``(addr, start_ts, token)`` of one upstream queue file; raise CorruptFile."""
+    try:
+        addr, start_ts, token = path.read_bytes().decode("utf-8").split("\n", 2)
+        started = int(start_ts)
+    except (OSError, ValueError) as exc:  # too few lines, not UTF-8, not an integer
+        raise CorruptFile(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if not addr or _valid_token(token) is None:
+        raise CorruptFile("no address or no usable token")
+    return addr, started, token
+
+
+def run_queue_import(
+    jobs: JobStore,
+    queue_dir: Path,
+    policy: RetryPolicy,
+    dry_run: bool = False,
+    clock: Callable[[], float] = time.time,
+) -> QueueStats:
+    """Enqueue every pending push of upstream's ``queue_dir`` (one transaction)."""
+    stats = QueueStats()
+    if not queue_dir.is_dir():
+        return stats
+    now = clock()
+    try:
+        with MetadataStore(jobs.conn).transaction():
+            for path in sorted(queue_dir.iterdir()):
+                if path.name.endswith(".tmp"):
+                    stats.spurious += 1
+                    continue
+                if not path.is_file():
+                    continue
+                stats.files += 1
+                try:
+                    addr, started, token = read_queue_file(path)
+                except CorruptFile as exc:
+                    stats.corrupt += 1
+                    log.warning("skipping queue file %s: %s", path.name, exc)
+                    continue
+                if started + policy.deadline <= now:  # nothing left to send it in
+                    stats.expired += 1
+                    continue
+                # created = due = start_ts: due at once, deadline start_ts + policy.deadline
+                if jobs.enqueue(addr, [token], started, policy):
+                    stats.imported += 1
+                else:
+                    stats.coalesced += 1
+                log.debug("%s: queued push to %s", addr, token_digest(token))
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    return stats
+
+
+def staged(root: Path | None, path: Path) -> Path:
+    """``path`` below the staging ``root`` (``--root``), as install-relay stages files."""
+    return root / path.relative_to(path.anchor) if root else path
+
+
+def open_database(db_path: Path, synchronous: str, dry_run: bool):
+    """The database; a dry run of a relay without one counts against an empty one in memory
+    (so a dry run creates no file)."""
+    if dry_run and not db_path.exists():
+        return connect(":memory:")
+    return connect(db_path, synchronous)
+
+
+def report_error(prog: str, exc: Exception, db_path: Path | None) -> int:
+    """One line on stderr naming the thing at fault; the exit status 1."""
+    if isinstance(exc, sqlite3.Error):  # busy past the timeout: "database is locked"
+        exc = f"database {db_path}: {exc}"
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chatmail-metadata-import",
@@ -207,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory holding the <addr>/ directories (default: [params] mailboxes_dir)",
     )
     p.add_argument(
+        "--pending",
+        action="store_true",
+        help="also import upstream's queued pushes (<mailboxes_dir>/pending_notifications)",
+    )
+    p.add_argument(
+        "--root", type=Path, help="the ini's paths are below this directory (staged relay)"
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="report what would be imported, write nothing"
     )
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -216,21 +332,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    db_path = None
     try:
         config = read_config(args.config)
-        mailboxes_dir = args.mailboxes_dir or config.mailboxes_dir
+        mailboxes_dir = args.mailboxes_dir or staged(args.root, config.mailboxes_dir)
         if not mailboxes_dir.is_dir():
             raise ConfigError(f"mailboxes directory does not exist: {mailboxes_dir}")
-        db_path = args.db or config.database_path
-        conn = connect(db_path, config.synchronous)
+        db_path = args.db or staged(args.root, config.database_path)
+        conn = open_database(db_path, config.synchronous, args.dry_run)
         try:
             stats = run_import(MetadataStore(conn), mailboxes_dir, dry_run=args.dry_run)
+            queue = None
+            if args.pending:
+                policy = config.notifier.retry_policy()
+                queue = run_queue_import(
+                    JobStore(conn), mailboxes_dir / QUEUE_DIR, policy, dry_run=args.dry_run
+                )
         finally:
             conn.close()
     except (ConfigError, DatabaseError, OSError, sqlite3.Error) as exc:
-        print(f"chatmail-metadata-import: error: {exc}", file=sys.stderr)
-        return 1
-    print(stats.summary(args.dry_run))
+        return report_error("chatmail-metadata-import", exc, db_path)
+    print(f"tokens: {stats.summary(args.dry_run)}")
+    if queue is not None:
+        print(f"queue: {queue.summary(args.dry_run)}")
     return 0
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def install(
     root: Path, *args: str, lmtp_dict: str = "", dovecot: str = "2.3.19.1 (9b53102964)"
 ) -> subprocess.CompletedProcess:
     """Stage the installer into ``root``; a stand-in doveconf answers ``lmtp_dict`` and a
-    stand-in ``dovecot`` on PATH says ``dovecot --version`` is ``dovecot``."""
+    stand-in ``dovecot`` on PATH says ``dovecot --version`` is ``dovecot``.  The importer
+    and exporter (--from-upstream, --rollback) run on this interpreter and checkout."""
     root.mkdir(parents=True, exist_ok=True)
     fake = root.parent / f"{root.name}-doveconf"
     fake.write_text(f"#!/bin/sh\necho '{lmtp_dict}'\n")
@@ -44,7 +46,13 @@ def install(
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "DOVECONF": str(fake), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        env={
+            **os.environ,
+            "DOVECONF": str(fake),
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "PYTHON": sys.executable,
+            "PYTHONPATH": str(REPO),
+        },
     )
 
 
