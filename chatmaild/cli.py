@@ -151,6 +151,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
     metrics = RelayMetrics()
     proxy = notifier = None
     try:
+        announce(conn, _service_row(config, args))  # with the socket: status can find both
         if args.metrics:  # before the notifier, so a taken port sends nothing
             try:
                 metrics.serve(args.metrics)
@@ -170,7 +171,6 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         server, _ = await start_dict_server(
             backend, sock, config.limits.max_line_bytes, stats=stats
         )
-        announce(conn, _service_row(config, args))
         await _run_until_signalled(args, config)
         mark_stopped(conn, os.getpid(), time.time())
         server.close()

@@ -91,8 +91,13 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     """The database without creating it or anything next to it that the service needs."""
     if not path.is_file():
         raise StatusError(f"database not found: {path} (wrong ini, or pass --db)")
+    # No -wal file: nobody has it open (a clean close removes it).  Even mode=ro would
+    # then create -wal and -shm, owned by whoever runs status (root), which the service
+    # user could not open later; immutable reads the main file alone and creates nothing.
+    wal = Path(f"{path}-wal").exists()
+    uri = f"file:{path}?mode=ro" if wal else f"file:{path}?immutable=1"
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         conn.execute("PRAGMA query_only=ON")
         schema_version(conn)  # reads the header: a non-database fails here
     except sqlite3.DatabaseError as exc:
@@ -214,7 +219,7 @@ def service_facts(row: ServiceRow | None, live: Live | None, now: float) -> dict
 
 def probe_socket(path: str, timeout: float) -> str | None:
     """None if the dict socket answers a hello + lookup of a key nobody stores."""
-    lookup = b"Lshared/chatmail-status-check\t\n"
+    lookup = b"Lshared/chatmail-status-check\tchatmail-status-check\n"  # a user nobody is
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -235,21 +240,28 @@ def probe_writable(path: Path, timeout: float) -> str | None:
             sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=timeout)
         ) as conn:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
+            try:  # BEGIN alone passes on a read-only file in WAL mode; a write does not
+                conn.execute("DELETE FROM jobs WHERE 0")
+            finally:
+                conn.execute("ROLLBACK")
     except sqlite3.Error as exc:
         return f"database {path} not writable: {exc}"
     return None
 
 
 def probe_proxy(url: str, timeout: float) -> str | None:
-    """None if ``GET /`` on the proxy's origin gets an HTTP answer below 500."""
+    """None if ``GET /`` on the proxy's origin gets an HTTP answer.
+
+    Any status counts (our proxy says 200, others may not know GET), except a gateway
+    error: a reverse proxy in front of a push proxy that is down.
+    """
     parts = urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc}/"
     try:
         status = httpx.get(origin, timeout=timeout).status_code
     except httpx.HTTPError as exc:
         return f"push proxy {origin} unreachable: {_reason(exc)}"
-    if status >= 500:
+    if status in (502, 503, 504):
         return f"push proxy {origin} answers GET / with {status}"
     return None
 
