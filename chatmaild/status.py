@@ -105,8 +105,9 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def database_facts(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    """Tokens, queue and push outcomes as of ``now`` (no writes)."""
+def database_facts(conn: sqlite3.Connection, now: float, max_late: float) -> dict[str, Any]:
+    """Tokens, queue and push outcomes as of ``now`` (no writes); jobs due for longer than
+    ``max_late`` seconds are counted as overdue."""
     one = conn.execute
     addresses, tokens = one("SELECT count(DISTINCT user), count(*) FROM tokens").fetchone()
     by_attempts = dict(one("SELECT attempts, count(*) FROM jobs GROUP BY attempts").fetchall())
@@ -121,8 +122,11 @@ def database_facts(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
             "total": sum(by_attempts.values()),
             "by_attempts": {str(k): v for k, v in sorted(by_attempts.items())},
             "due": due_count,
-            "oldest_due": None if oldest_due is None else oldest_due,
+            "oldest_due": oldest_due,
             "oldest_late_seconds": None if oldest_due is None else round(now - oldest_due, 1),
+            "overdue": one("SELECT count(*) FROM jobs WHERE due < ?", (now - max_late,)).fetchone()[
+                0
+            ],
         },
     }
     try:
@@ -410,12 +414,8 @@ def gather(args: argparse.Namespace, now: float) -> Report:
     db_path = args.db or config.database_path
     with contextlib.closing(open_read_only(db_path)) as conn:
         try:
-            facts = database_facts(conn, now)
+            facts = database_facts(conn, now, args.max_late * 60)
             row = read_service_row(conn)
-            limit = now - args.max_late * 60
-            facts["jobs"]["overdue"] = conn.execute(
-                "SELECT count(*) FROM jobs WHERE due < ?", (limit,)
-            ).fetchone()[0]
         except sqlite3.DatabaseError as exc:
             raise StatusError(f"cannot read database {db_path}: {exc}") from None
     hostport = args.metrics or (row.metrics if row and row.alive() else "")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers_chatmaild import ALICE, BOB, write_ini
+from test_notifier import Relay
 
 from chatmaild import cli, outcomelog, status
 from chatmaild.database import SCHEMA_VERSION, Writer, connect
@@ -22,6 +23,7 @@ from chatmaild.jobstore import JobStore
 from chatmaild.outcomelog import PushRecord
 from chatmaild.servicerow import ServiceRow, announce
 from devstack.loopback import free_port, wait_until
+from devstack.pushsink import PushSink
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -436,3 +438,30 @@ def test_check_socket_missing_and_workers_unknown_on_the_stack(relay):
     relay.metadata.socket_path.unlink()
     lines = check_lines(*ini_with_db(relay))
     assert lines == [f"dict socket {relay.metadata.socket_path}: No such file or directory"]
+
+
+# -- the notifier writes the outcome log --------------------------------------------
+
+
+def test_notifier_records_every_outcome_with_its_answer(tmp_path):
+    """sent / gone / retried / dropped, each counted by the answer it got."""
+    sink = PushSink()
+    relay = Relay(tmp_path, sink.url)
+    relay.notifier.start()
+    try:
+        for token in ("ok", "dead", "flaky", "never"):
+            relay.add_token(token)
+        sink.scripts.update(dead=[410], flaky=[503, 200], never=[500] * 10)
+        relay.new_mail()
+        wait_until(lambda: relay.jobs() == 0, 15.0, "every job finished")
+    finally:
+        relay.close()
+        sink.close()
+    with contextlib.closing(connect(relay.db_path)) as conn:
+        counts = outcomelog.counts_since(conn, time.time() - 3600)
+    assert counts == {
+        "sent": {"200": 2},
+        "gone": {"410": 1},
+        "retried": {"500": 4, "503": 1},
+        "dropped": {"500": 1},
+    }
