@@ -362,12 +362,15 @@ def live_relay(relay, push_sink):
 
 
 def wait_for_service(relay) -> None:
-    """Until the restarted process has written its row (it may listen a moment before)."""
+    """Until the restarted process has written its row (it may listen a moment before) and,
+    with a metrics listener, all its workers are up (they open their stores after)."""
 
     def announced() -> bool:
         args = status.build_parser().parse_args(ini_with_db(relay))
         service = status.gather(args, time.time()).facts["service"]
-        return service["running"] and service["pid"] == relay.metadata.proc.pid
+        started = service["running"] and service["pid"] == relay.metadata.proc.pid
+        live = service["workers_live"]
+        return started and (live is None or live == service["workers_configured"])
 
     wait_until(announced, 15.0, "chatmail-metadata's row in the database")
 
