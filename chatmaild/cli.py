@@ -2,6 +2,10 @@
 
 The positional arguments are upstream's invocation, so an existing systemd unit
 keeps working.  Startup problems end with one clear line on stderr and exit 1.
+
+``chatmail-metadata status CHATMAIL_INI`` (:mod:`chatmaild.status`) is told apart by
+its first word: a dict socket literally named ``status`` in the working directory has
+to be spelled ``./status`` (upstream's unit passes an absolute path).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from chatmail_common.fdlimit import raise_open_files_limit
@@ -31,6 +36,7 @@ from .notifier import Notifier
 from .pushtransport import EmbeddedPushTransport, HttpPushTransport, PushTransport
 from .relaymetrics import RelayMetrics
 from .serverkeys import ServerKeys
+from .servicerow import ServiceRow, announce, mark_stopped
 from .store import MetadataStore
 
 log = logging.getLogger("chatmail-metadata")
@@ -52,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chatmail-metadata",
         description="Dovecot dict server for IMAP METADATA, push-token store and new-mail "
         "notifier of a chatmail relay.",
+        epilog="See also: chatmail-metadata status CHATMAIL_INI [--json] [--check] "
+        "(a socket file named 'status' in the working directory: pass ./status).",
     )
     p.add_argument("socket", help="path of the dict Unix socket Dovecot connects to")
     p.add_argument("config", help="chatmail.ini ([params] as upstream, optional [metadata])")
@@ -143,6 +151,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
     metrics = RelayMetrics()
     proxy = notifier = None
     try:
+        announce(conn, _service_row(config, args))  # with the socket: status can find both
         if args.metrics:  # before the notifier, so a taken port sends nothing
             try:
                 metrics.serve(args.metrics)
@@ -163,6 +172,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
             backend, sock, config.limits.max_line_bytes, stats=stats
         )
         await _run_until_signalled(args, config)
+        mark_stopped(conn, os.getpid(), time.time())
         server.close()
         await server.wait_closed()
     finally:
@@ -175,6 +185,19 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(args.socket)
     return 0
+
+
+def _service_row(config: Config, args: argparse.Namespace) -> ServiceRow:
+    """What ``status`` needs to find this process: socket, metrics listener, pid."""
+    url = config.notifier.url
+    return ServiceRow(
+        pid=os.getpid(),
+        started=time.time(),
+        socket=os.path.abspath(args.socket),
+        metrics=args.metrics or "",
+        notify_url=url,
+        workers=0 if url == "off" else config.notifier.workers,
+    )
 
 
 async def _run_until_signalled(args: argparse.Namespace, config: Config) -> None:
@@ -203,6 +226,7 @@ async def _watchdog() -> None:
 def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None, Notifier | None]:
     """Start the notifier (and the embedded proxy if configured); (proxy, notifier)."""
     settings = config.notifier
+    metrics.workers_configured.set(0 if settings.url == "off" else settings.workers)
     if settings.url == "off":
         log.warning("notifier is off: new mail triggers no push")
         return None, None
@@ -215,6 +239,7 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
             proxy = start_embedded(config.proxy_options)
         except Exception as exc:  # a broken key file etc.: one line for the operator
             raise ConfigError(f"embedded push proxy ([notifiers] of {config.path}): {exc}") from exc
+        metrics.track_embedded_proxy(lambda: proxy.running)
 
         def factory() -> PushTransport:
             return EmbeddedPushTransport(proxy, settings.timeout)
@@ -239,6 +264,11 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        from .status import main as status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     log.info("%s", raise_open_files_limit().describe())

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS attributes (
@@ -49,6 +49,37 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- At most one not-yet-attempted job per (user, token): this is the coalescing rule.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_fresh ON jobs (user, token) WHERE attempts = 0;
 """
+
+# What each version adds to the one before; a database opened at version N gets
+# every step above N, each with its user_version bump, in one transaction.
+_MIGRATIONS: dict[int, str] = {
+    2: """
+-- Pushes per minute by outcome (sent/gone/retried/dropped) and answer (200, 410,
+-- 503, error:ConnectTimeout, ...), for `chatmail-metadata status`; pruned to two days
+-- (chatmaild.outcomelog), so it stays a few thousand rows at most.
+CREATE TABLE IF NOT EXISTS push_outcomes (
+    minute  INTEGER NOT NULL,  -- unix time // 60
+    outcome TEXT NOT NULL,
+    answer  TEXT NOT NULL,
+    count   INTEGER NOT NULL,
+    last_at REAL NOT NULL,     -- the latest push in this bucket
+    PRIMARY KEY (minute, outcome, answer)
+) WITHOUT ROWID;
+
+-- The running service (one row): how `status` finds its socket, metrics listener and
+-- process without being told; `stopped` is set at a clean shutdown.
+CREATE TABLE IF NOT EXISTS service (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    pid        INTEGER NOT NULL,
+    started    REAL NOT NULL,
+    stopped    REAL,
+    socket     TEXT NOT NULL,
+    metrics    TEXT NOT NULL DEFAULT '',
+    notify_url TEXT NOT NULL,
+    workers    INTEGER NOT NULL
+);
+""",
+}
 
 
 _WRITE_LOCKS: dict[str, threading.Lock] = {}
@@ -119,16 +150,37 @@ def connect(path: str | Path, synchronous: str = "NORMAL") -> sqlite3.Connection
         conn.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(_SCHEMA)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif version > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"{path}: schema version {version} is newer than this program ({SCHEMA_VERSION})"
-            )
+        _migrate(conn, path)
     except sqlite3.DatabaseError as exc:
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION` (a new file is at 0, a v1 file gets v2)."""
+    version = schema_version(conn)
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{path}: schema version {version} is newer than this program ({SCHEMA_VERSION})"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    with Writer(conn).transaction():
+        version = max(schema_version(conn), 1)  # 0: just created by _SCHEMA, which is v1
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _statements(_MIGRATIONS[step]):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration (executescript would COMMIT the open transaction)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
 
 
 def _synchronous(value: str) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .database import Writer, connect
 from .jobqueue import Job, RetryPolicy
+from .outcomelog import PushRecord, record
 from .store import MetadataStore
 
 _JOB_COLUMNS = "id, user, token, deadline, due, attempts"
@@ -79,16 +80,23 @@ class JobStore:
             ).fetchall()
         return Job(*rows[0]) if rows else None
 
-    def finish(self, job_id: int) -> None:
+    # Each takes the attempt's PushRecord, counted in the same transaction (chatmaild.outcomelog).
+    def finish(self, job_id: int, outcome: PushRecord | None = None) -> None:
         """The job is done: sent, or dropped after its last attempt."""
         with self._writer.transaction() as conn:
             conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            if outcome is not None:
+                record(conn, outcome)
 
-    def reschedule(self, job_id: int, due: float) -> None:
+    def reschedule(self, job_id: int, due: float, outcome: PushRecord | None = None) -> None:
         with self._writer.transaction() as conn:
             conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
+            if outcome is not None:
+                record(conn, outcome)
 
-    def remove_token(self, user: str, token: str) -> tuple[bool, int]:
+    def remove_token(
+        self, user: str, token: str, outcome: PushRecord | None = None
+    ) -> tuple[bool, int]:
         """410: delete exactly that token of that user and every job still owed to it.
 
         True if the token was still stored, and the number of jobs deleted.
@@ -96,6 +104,8 @@ class JobStore:
         with self._writer.transaction() as conn:
             removed = self._tokens.remove_token(user, token)
             jobs = conn.execute("DELETE FROM jobs WHERE user=? AND token=?", (user, token)).rowcount
+            if outcome is not None:
+                record(conn, outcome)
         return removed, jobs
 
     # -- reads --------------------------------------------------------------

@@ -29,6 +29,7 @@ from chatmail_common.outcome import Outcome
 from .duequeue import Closed, DueQueue
 from .jobqueue import Job, RetryPolicy
 from .jobstore import JobStore
+from .outcomelog import DROPPED, GONE, RETRIED, SENT, PushRecord
 from .pushtransport import PushTransport
 from .relaymetrics import RelayMetrics
 
@@ -233,17 +234,18 @@ class Notifier:
         if job.attempts > self.policy.max_attempts or expired:
             # Claimed after a restart with nothing left: this claim sends nothing.
             why = "deadline passed" if expired else "no attempt left"
-            self._drop(store, job, digest, f"not sent, {why}", job.attempts - 1)
+            self._drop(store, job, digest, f"not sent, {why}", job.attempts - 1, why)
             return
         start = time.perf_counter()
         answer = transport.push(job.token)
         self.metrics.latency.observe(time.perf_counter() - start)
         if answer.outcome is Outcome.SENT:
-            store.finish(job.id)
+            store.finish(job.id, PushRecord(SENT, answer.detail, self.clock()))
             self.metrics.sent.inc()
             log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
         elif answer.outcome is Outcome.GONE:
-            removed, _ = store.remove_token(job.user, job.token)
+            gone = PushRecord(GONE, answer.detail, self.clock())
+            removed, _ = store.remove_token(job.user, job.token, gone)
             self.metrics.tokens_removed.inc(int(removed))
             log.info("push to %s for %s: token gone (%s), removed", digest, job.user, answer.detail)
         else:
@@ -252,9 +254,9 @@ class Notifier:
     def _retry(self, store: JobStore, job: Job, digest: str, detail: str) -> None:
         due = self.policy.next_due(job.attempts, job.deadline, self.clock())
         if due is None:
-            self._drop(store, job, digest, f"failed: {detail}", job.attempts)
+            self._drop(store, job, digest, f"failed: {detail}", job.attempts, detail)
             return
-        store.reschedule(job.id, due)
+        store.reschedule(job.id, due, PushRecord(RETRIED, detail, self.clock()))
         self.metrics.retried.inc()
         log.warning(
             "push to %s for %s failed: %s; retry %d in %.0f s",
@@ -266,9 +268,11 @@ class Notifier:
         )
         self.queue.put(due, _ticket(job))
 
-    def _drop(self, store: JobStore, job: Job, digest: str, why: str, attempts: int) -> None:
+    def _drop(
+        self, store: JobStore, job: Job, digest: str, why: str, attempts: int, answer: str
+    ) -> None:
         """The job's attempts or deadline are used up: delete it, count it, say why."""
-        store.finish(job.id)
+        store.finish(job.id, PushRecord(DROPPED, answer, self.clock()))
         self.metrics.dropped.inc()
         log.error(
             "push to %s for %s %s; dropped after %d attempt(s)", digest, job.user, why, attempts

@@ -6,7 +6,8 @@ proxy can live in one process without name clashes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -108,6 +109,28 @@ class RelayMetrics:
             "Notifier workers replaced after an exception escaped their loop",
             registry=r,
         )
+
+        # What `chatmail-metadata status` and the alerts compare against (issue 12).
+        self.start_time = Gauge(
+            "chatmail_metadata_start_time_seconds",
+            "When this chatmail-metadata process started (unix time)",
+            registry=r,
+        )
+        self.start_time.set(time.time())
+        self.workers_configured = Gauge(
+            "chatmail_notifier_workers_configured",
+            "Notifier worker threads configured ([metadata] notify_workers); 0 if the notifier "
+            "is off",
+            registry=r,
+        )
+        self.embedded_proxy_up = Gauge(
+            "chatmail_embedded_proxy_up",
+            "1 while the in-process push proxy (notify_url = embedded) runs, else 0",
+            registry=r,
+        )
+
+    def track_embedded_proxy(self, running: Callable[[], bool]) -> None:
+        self.embedded_proxy_up.set_function(lambda: int(running()))
 
     def track_dict_server(self, stats: object) -> None:
         """Expose the dict server's live counters (a ``dictserver.ServerStats``) on scrape."""

@@ -1,0 +1,63 @@
+"""The running service's one row in the database: how ``status`` finds it without being told.
+
+``chatmail-metadata status CHATMAIL_INI`` gets only the ini; the dict socket and the
+metrics listener are command-line options of the service (upstream's unit passes the
+socket).  So the service writes them, with its pid and start time, when it starts
+serving, and marks the row stopped at a clean shutdown.  A ``kill -9`` leaves it
+"running"; ``status`` then sees that the pid is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+
+from .database import Writer
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRow:
+    pid: int
+    started: float
+    socket: str
+    metrics: str  # HOST:PORT, or empty without a listener
+    notify_url: str
+    workers: int
+    stopped: float | None = None
+
+    def alive(self) -> bool:
+        """Not cleanly stopped and the pid exists (on this host)."""
+        if self.stopped is not None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except PermissionError:  # someone else's process: it exists
+            return True
+        except OSError:
+            return False
+        return True
+
+
+_COLUMNS = "pid, started, socket, metrics, notify_url, workers, stopped"
+
+
+def announce(conn: sqlite3.Connection, row: ServiceRow) -> None:
+    with Writer(conn).transaction():
+        conn.execute(
+            f"INSERT OR REPLACE INTO service(id, {_COLUMNS}) VALUES (1,?,?,?,?,?,?,NULL)",
+            (row.pid, row.started, row.socket, row.metrics, row.notify_url, row.workers),
+        )
+
+
+def mark_stopped(conn: sqlite3.Connection, pid: int, when: float) -> None:
+    with Writer(conn).transaction():
+        conn.execute("UPDATE service SET stopped=? WHERE id=1 AND pid=?", (when, pid))
+
+
+def read(conn: sqlite3.Connection) -> ServiceRow | None:
+    try:
+        found = conn.execute(f"SELECT {_COLUMNS} FROM service WHERE id=1").fetchone()
+    except sqlite3.OperationalError:  # a version 1 database: no such table yet
+        return None
+    return ServiceRow(*found) if found else None
