@@ -99,11 +99,6 @@ class RelayMetrics:
             "Notifier worker threads with their job store and transport open, serving jobs",
             registry=r,
         )
-        self.workers_configured = Gauge(
-            "chatmail_notifier_workers_configured",
-            "Notifier worker threads configured ([metadata] notify_workers)",
-            registry=r,
-        )
         self.worker_restarts = Counter(
             "chatmail_notifier_worker_restarts",
             "Notifier workers replaced after an exception escaped their loop",
