@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from helpers_dictwire import Exchange, lookup_line, run, session, set_lines
-from hypothesis import HealthCheck, given, settings
+from helpers_fuzz import bounded
+from hypothesis import given
 from hypothesis import strategies as st
 
 from chatmaild import dictproto as dp
@@ -157,13 +158,7 @@ def test_live_dict_fuzz_keeps_replies_data_and_log_clean(metadata: MetadataServe
 
     seen: list[bytes] = []  # every reply stream checked, to show the fuzz reached the store
 
-    @settings(
-        max_examples=50,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @bounded(max_examples=50)
     @given(st.lists(exchange(), min_size=1, max_size=4))
     def fuzz(exchanges: list[Exchange]) -> None:
         with ThreadPoolExecutor(len(exchanges)) as pool:

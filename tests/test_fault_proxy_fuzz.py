@@ -14,7 +14,8 @@ import asyncio
 import logging
 import re
 
-from hypothesis import HealthCheck, given, settings
+from helpers_fuzz import bounded
+from hypothesis import given
 from hypothesis import strategies as st
 from test_proxy_robustness import SECRET, TOKEN, every_log_text, exchange
 
@@ -167,13 +168,7 @@ def test_proxy_http_fuzz_answers_no_5xx_logs_no_token_and_keeps_serving(caplog) 
         finally:
             await runner.cleanup()
 
-    @settings(
-        max_examples=25,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @bounded(max_examples=25)
     @given(connections)
     def fuzz(batch: list[bytes]) -> None:
         asyncio.run(run(batch))
