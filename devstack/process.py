@@ -32,15 +32,17 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
-def stop_and_collect(proc: subprocess.Popen, timeout: float = 15.0) -> tuple[int, str]:
-    """SIGTERM (SIGKILL after ``timeout`` s); the exit status and what it wrote to stderr.
+def stop_and_collect(
+    proc: subprocess.Popen, timeout: float = 15.0, sig: int = signal.SIGTERM
+) -> tuple[int, str]:
+    """``sig`` (SIGKILL after ``timeout`` s); the exit status and what it wrote to stderr.
 
     Tests that start a program with ``stderr=PIPE`` check both: a clean stop is
     status 0, and its log must carry (or must not carry) certain lines.  ``communicate``
     drains the pipe while waiting, so a chatty process cannot block on a full pipe.
     """
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
