@@ -11,6 +11,7 @@ import contextlib
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from devstack.accounts import MAIL_DOMAIN
@@ -36,6 +37,8 @@ class MetadataServer(LogFile):
         self.extra_args: list[str] = []
         # Tests watch DEBUG lines ("new mail for ..."); bench/ measures at the default.
         self.log_level = "DEBUG"
+        # Run in the child before exec, e.g. to lower RLIMIT_NOFILE (tests of the fd limit).
+        self.preexec_fn: Callable[[], None] | None = None
         self.proc: subprocess.Popen | None = None
         self._generation = 0
 
@@ -104,7 +107,11 @@ class MetadataServer(LogFile):
         offset = self.log_size()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=self.preexec_fn,
             )
 
         def ready() -> bool:
@@ -126,6 +133,13 @@ class MetadataServer(LogFile):
             self.proc = None
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+    def kill(self) -> None:
+        """SIGKILL without warning (a crash or an OOM kill); the stale socket file stays."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
     def restart(
         self,

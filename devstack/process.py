@@ -32,6 +32,27 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
+def stop_and_collect(
+    proc: subprocess.Popen, timeout: float = 15.0, sig: int = signal.SIGTERM
+) -> tuple[int, str]:
+    """``sig`` (SIGKILL after ``timeout`` s); the exit status and what it wrote to stderr.
+
+    Tests that start a program with ``stderr=PIPE`` check both: a clean stop is
+    status 0, and its log must carry (or must not carry) certain lines.  ``communicate``
+    drains the pipe while waiting, so a chatty process cannot block on a full pipe.
+    """
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+    if isinstance(err, bytes):
+        err = err.decode("utf-8", "replace")
+    return proc.returncode, err or ""
+
+
 def file_size(path: Path) -> int:
     """Size of ``path`` (0 if it does not exist yet): an offset for :func:`read_from`."""
     try:

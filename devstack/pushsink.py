@@ -20,7 +20,8 @@ class Received:
     body: bytes
     headers: dict[str, str]
     status: int
-    at: float
+    at: float  # when the answer was decided (after ``delay``)
+    arrived: float = 0.0  # when the request's body had been read (before ``delay``)
 
 
 @dataclass
@@ -41,12 +42,13 @@ class PushSink:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                arrived = time.time()
                 if sink.delay:
                     time.sleep(sink.delay)
                 status = sink._answer(body.decode("utf-8", "replace"))
                 with sink._cond:
                     sink.requests.append(
-                        Received(self.path, body, dict(self.headers), status, time.time())
+                        Received(self.path, body, dict(self.headers), status, time.time(), arrived)
                     )
                     sink._cond.notify_all()
                 self.send_response(status)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from helpers_chatmaild import ALICE, priv
 
+from devstack.process import stop_and_collect
+
 VENV_BIN = Path(sys.executable).parent
 EXE = VENV_BIN / "chatmail-metadata"
 
@@ -223,8 +225,7 @@ def test_serves_and_shuts_down_cleanly(tmp_path, sig):
                 assert chunk, data
                 data += chunk
             assert data == b"O1\nOtok\n"
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=20)
+        _, err = stop_and_collect(proc, 20, sig)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -286,8 +287,7 @@ def test_socket_activation_and_watchdog(tmp_path):
         messages = [notify.recv(4096) for _ in range(3)]
         assert b"READY=1" in messages[0]
         assert messages[1:] == [b"WATCHDOG=1", b"WATCHDOG=1"]  # every 0.2 s
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _, err = stop_and_collect(proc, 20)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -331,8 +331,7 @@ def serve_inherited_socket_once(listener: socket.socket, ini: Path, env: dict[st
     )
     with killed_if_left_running(proc):
         assert_answers_a_lookup(path)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _, err = stop_and_collect(proc, 20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from chatmail_common.outcome import Outcome
 from devstack.fakes.apns import apns_error
 from devstack.fakes.h2server import Reply
 from devstack.loopback import free_port
+from devstack.process import stop_and_collect
 from notifiers.app import make_app
 from notifiers.build import build_providers, build_service
 from notifiers.heartbeat import (
@@ -462,8 +462,7 @@ def test_notifiers_program_sends_heartbeats_and_refuses_a_sled_db(tmp_path):
             assert time.monotonic() < deadline + 20
             time.sleep(0.1)
         assert "heartbeat_tokens 1.0" in _get(metrics)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        _, err = stop_and_collect(proc, 20)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from devstack.loopback import free_port
+from devstack.process import stop_and_collect
 from notifiers.build import build_service
 from notifiers.providers.apns import PASSWORD_ENV
 from notifiers.providers.base import ProviderConfigError
@@ -176,8 +176,7 @@ def test_serves_notify_and_metrics_and_stops_on_sigterm(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert "fcm_notifications_total 1.0" in text
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _, err = stop_and_collect(proc, 20)
     finally:
         notify.close()
         if proc.poll() is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from helpers_fdlimit import hard_limit, lowered_soft_limit
 
 from devstack.loopback import free_port
+from devstack.process import stop_and_collect
 from notifiers.app import ListenerTimeouts, make_app, start_listener
 from notifiers.debounce import Debouncer
 from notifiers.providers.base import Delivery, Provider
@@ -225,8 +225,7 @@ def test_the_notifiers_program_applies_all_of_it(tmp_path):
 
     try:
         asyncio.run(client())
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        _, err = stop_and_collect(proc, 20)
     finally:
         if proc.poll() is None:
             proc.kill()
