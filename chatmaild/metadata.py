@@ -27,7 +27,14 @@ from chatmail_common.logclip import clip
 
 from . import dictproto as dp
 from .config import Limits
-from .serverkeys import SERVER_KEY_PREFIX, STATIC_NAMES, TURN, ServerKeys, server_key_name
+from .serverkeys import (
+    SERVER_KEY_PREFIX,
+    STATIC_NAMES,
+    TURN,
+    TURN_UNKNOWN,
+    ServerKeys,
+    server_key_name,
+)
 from .store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -91,7 +98,10 @@ class MetadataDict:
         name = server_key_name(ev.key)
         if name is not None:
             if name == TURN:
-                return self._turn_reply()
+                cached = self.server_keys.cached_turn()
+                if cached is TURN_UNKNOWN:
+                    return self._turn_reply()
+                return dp.lookup_result(cached)  # type: ignore[arg-type]
             return dp.lookup_result(self.server_keys.static_value(name))
         parts = split_key(ev.key)
         if parts is None:
