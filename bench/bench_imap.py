@@ -214,8 +214,8 @@ def _spread(values: list[float]) -> str:
 
 
 def run(quick: bool) -> list[Figure]:
-    """Alternating rounds: each round measures every case and both file: baselines (one per
-    workload) back to back, so each ratio compares runs minutes apart at most."""
+    """Alternating rounds: file: baselines (one per workload), then every case, then the
+    baselines again; each case is judged against the mean of the baselines around it."""
     sessions = 32
     pairs = 300 if quick else 1500
     seconds = float(os.environ.get("CHATMAIL_BENCH_IMAP_SECONDS", 4.0 if quick else 15.0))
@@ -234,22 +234,27 @@ def run(quick: bool) -> list[Figure]:
             continue
         ratios: dict[int, list[float]] = {i: [] for i in range(len(CASES))}
         rows = []
+
+        def baselines(rnd: int, build: DovecotBuild = build, rows: list = rows) -> dict[str, dict]:
+            out = {}
+            for w, label in (("deltachat", "file: (built-in), Delta Chat"), ("generic", "file:")):
+                out[w] = _run_one(build, users, "file", pairs, seconds, w)
+                rows.append(_row(rnd, label, out[w], None))
+            return out
+
+        before = baselines(0)
         for rnd in range(rounds):
-            base = {
-                w: _run_one(build, users, "file", pairs, seconds, w)
-                for w in ("deltachat", "generic")
-            }
-            for label, w in (
-                ("file: (built-in), Delta Chat", "deltachat"),
-                ("file:, generic", "generic"),
-            ):
-                rows.append(_row(version, rnd, label, base[w], None))
-            for i, (label, workload, mode, turn, _target) in enumerate(CASES):
-                r = _run_one(build, users, mode, pairs, seconds, workload, turn)
-                b = base[workload]
-                value = r["rate"] / b["rate"] if b["rate"] else 0.0
+            results = [
+                _run_one(build, users, mode, pairs, seconds, workload, turn)
+                for _label, workload, mode, turn, _target in CASES
+            ]
+            after = baselines(rnd + 1)  # each case against the mean of the file: runs around it
+            for i, ((label, workload, *_), r) in enumerate(zip(CASES, results, strict=True)):
+                base = (before[workload]["rate"] + after[workload]["rate"]) / 2
+                value = r["rate"] / base if base else 0.0
                 ratios[i].append(value)
-                rows.append(_row(version, rnd, label.format(idle=SHIPPED_IDLE[version]), r, value))
+                rows.append(_row(rnd + 1, label.format(idle=SHIPPED_IDLE[version]), r, value))
+            before = after
         print_table(
             f"imap: SET+GET pairs/s through Dovecot {version}, {sessions} sessions (one user "
             f"each), {rounds} alternating rounds of {seconds:g} s per point",
@@ -277,7 +282,7 @@ def run(quick: bool) -> list[Figure]:
     return figures
 
 
-def _row(version: str, rnd: int, label: str, r: dict, value: float | None) -> list[object]:
+def _row(rnd: int, label: str, r: dict, value: float | None) -> list[object]:
     return [
         rnd + 1,
         label,
