@@ -294,7 +294,8 @@ class MetadataDict:
             raise CommitRefused("devicetoken does not support increments")
         token = _validate_token(op.value)
         self.store.add_token(user, token, now, guid.decode("ascii", "replace"))
-        log.debug("stored device token %s for %s", token_digest(token), user)
+        if log.isEnabledFor(logging.DEBUG):  # the digest is a hash of ~1 KB on every connect
+            log.debug("stored device token %s for %s", token_digest(token), user)
 
     def _message_new(self, conn: sqlite3.Connection, ev: dp.Commit, now: float) -> None:
         if self.delivery_dict is not None and ev.dict_name != self.delivery_dict:
