@@ -239,7 +239,7 @@ def run(quick: bool) -> list[Figure]:
             out = {}
             for w, label in (("deltachat", "file: (built-in), Delta Chat"), ("generic", "file:")):
                 out[w] = _run_one(build, users, "file", pairs, seconds, w)
-                rows.append(_row(rnd, label, out[w], None))
+                rows.append(_row(f"file: {rnd}", label, out[w], None))
             return out
 
         before = baselines(0)
@@ -253,7 +253,7 @@ def run(quick: bool) -> list[Figure]:
                 base = (before[workload]["rate"] + after[workload]["rate"]) / 2
                 value = r["rate"] / base if base else 0.0
                 ratios[i].append(value)
-                rows.append(_row(rnd + 1, label.format(idle=SHIPPED_IDLE[version]), r, value))
+                rows.append(_row(str(rnd + 1), label.format(idle=SHIPPED_IDLE[version]), r, value))
             before = after
         print_table(
             f"imap: SET+GET pairs/s through Dovecot {version}, {sessions} sessions (one user "
@@ -282,9 +282,9 @@ def run(quick: bool) -> list[Figure]:
     return figures
 
 
-def _row(rnd: int, label: str, r: dict, value: float | None) -> list[object]:
+def _row(rnd: str, label: str, r: dict, value: float | None) -> list[object]:
     return [
-        rnd + 1,
+        rnd,
         label,
         r["rate"],
         "-" if value is None else f"{value:.2f}",
