@@ -11,16 +11,27 @@ on this machine, with 2 cores shared by client and server.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import statistics
 import time
 from pathlib import Path
 
-from bench.common import ChildServer, DictSocket, guid, run_child, temp_dir, tree_cpu_seconds
-from bench.table import Figure, at_least, print_table, ratio
+from bench.common import (
+    ChildServer,
+    DictSocket,
+    guid,
+    percentile,
+    run_child,
+    temp_dir,
+    tree_cpu_seconds,
+)
+from bench.table import Figure, at_least, at_most, print_table, ratio
 from devstack.metadata import MetadataServer
 
 USERS = 64
 HELLO = b"H3\t2\t0\t\tmetadata\n"
+TOKEN = b"openpgp:" + b"A" * 924  # the size of a Delta Chat token
 
 
 def _user(i: int) -> str:
@@ -39,6 +50,13 @@ def requests(mode: str, conn_no: int) -> list[bytes]:
         user = _user(i).encode()
         if mode == "lookup":
             out.append(b"L" + _key(i) + b"\t" + user + b"\n")
+        elif mode == "token":  # what SETMETADATA /private/devicetoken sends on each connect
+            tid = str(j + 1).encode()
+            out.append(
+                b"B" + tid + b"\t" + user + b"\n"
+                b"S" + tid + b"\tpriv/" + guid(i).encode() + b"/devicetoken\t" + TOKEN + b"\n"
+                b"C" + tid + b"\n"
+            )
         else:
             tid = str(j + 1).encode()
             value = b"value-%d-%d" % (conn_no, j)
@@ -58,6 +76,8 @@ class _ClientConn(asyncio.Protocol):
         self.done = done
         self.ops = 0
         self.failures = 0
+        self.sent_at = 0.0
+        self.latencies: list[float] = []
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -65,6 +85,7 @@ class _ClientConn(asyncio.Protocol):
 
     def start(self) -> None:
         assert self.transport is not None
+        self.sent_at = time.perf_counter()
         self.transport.write(HELLO + self.reqs[0])
 
     def data_received(self, data: bytes) -> None:
@@ -74,11 +95,14 @@ class _ClientConn(asyncio.Protocol):
         if data[:1] == b"F":
             self.failures += 1
         self.ops += n
-        if self.ops >= self.max_ops or time.perf_counter() >= self.deadline:
+        now = time.perf_counter()
+        self.latencies.append(now - self.sent_at)
+        if self.ops >= self.max_ops or now >= self.deadline:
             if not self.done.done():
                 self.done.set_result(None)
             return
         assert self.transport is not None
+        self.sent_at = now
         self.transport.write(self.reqs[self.ops % len(self.reqs)])
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -142,7 +166,10 @@ def dict_client(path: str, conns: int, mode: str, seconds: float, max_ops: int) 
             assert p.transport is not None
             p.transport.close()
         ops = sum(p.ops for p in protos)
+        lat = [x for p in protos for x in p.latencies]
+        p99 = percentile(lat, 99)
         return {
+            "p99_ms": None if p99 is None else 1000 * p99,
             "ops": ops,
             "elapsed": elapsed,
             "client_cpu": cpu,
@@ -281,8 +308,78 @@ def run(quick: bool) -> list[Figure]:
         ],
         rows,
     )
-    return [
+    figures = [
         at_least(
             "dict lookups/s, 1 connection", results[("ours", 1, "lookup")]["rate"], 20_000, "/s"
         )
     ]
+    with temp_dir("dict-token") as run_dir:
+        figures += _token_rounds(run_dir, seconds, max_ops)
+    return figures
+
+
+def _started(run_dir: Path, synchronous: str) -> MetadataServer:
+    run_dir.mkdir()
+    server = MetadataServer(run_dir, run_dir / "metadata.socket", "off")
+    server.log_level = "INFO"  # the production default
+    server.metadata = {"synchronous": synchronous}
+    server.start()
+    return server
+
+
+def _token_rounds(run_dir: Path, seconds: float, max_ops: int) -> list[Figure]:
+    """B/S/C device-token refreshes on 32 connections (what every Delta Chat connect costs),
+    ``synchronous=NORMAL`` (the default) and ``FULL``, next to the echo floor, in
+    alternating rounds so that each ratio compares points measured seconds apart."""
+    rounds = int(os.environ.get("CHATMAIL_BENCH_ROUNDS", 3))
+    servers = {s: _started(run_dir / s.lower(), s) for s in ("NORMAL", "FULL")}
+    per: dict[str, list[dict]] = {"NORMAL": [], "FULL": [], "echo": []}
+    try:
+        echo_path = run_dir / "echo.socket"
+        with ChildServer(echo_server, str(echo_path)) as echo:
+            for _ in range(rounds):
+                per["echo"].append(_measure(echo_path, echo.pid, 32, "token", seconds, max_ops))
+                for name, server in servers.items():
+                    assert server.proc is not None
+                    per[name].append(
+                        _measure(server.socket_path, server.proc.pid, 32, "token", seconds, max_ops)
+                    )
+    finally:
+        for server in servers.values():
+            server.stop()
+    rows = []
+    for name, results in per.items():
+        for rnd, r in enumerate(results):
+            base = per["echo"][rnd]
+            rows.append(
+                [
+                    rnd + 1,
+                    name if name == "echo" else f"ours, synchronous={name}",
+                    r["rate"],
+                    r["p99_ms"],
+                    ratio(r["rate"], base["rate"]),
+                    f"{100 * r['server_cpu'] / r['elapsed']:.0f}%",
+                    r["failures"],
+                ]
+            )
+    print_table(
+        f"dict: B/S/C device-token refresh ({len(TOKEN)}-byte token), 32 connections, "
+        f"{rounds} alternating rounds of {seconds:g} s",
+        ["round", "server", "ops/s", "p99 ms", "ours/echo", "server CPU", "F replies"],
+        rows,
+    )
+    figures = []
+    for name in ("NORMAL", "FULL"):
+        rates = [r["rate"] for r in per[name]]
+        p99s = [r["p99_ms"] for r in per[name]]
+        ratios = [r["rate"] / b["rate"] for r, b in zip(per[name], per["echo"], strict=True)]
+        spread = (
+            f"rates {min(rates):,.0f}-{max(rates):,.0f}, "
+            f"ours/echo {min(ratios):.2f}-{max(ratios):.2f}"
+        )
+        label = f"dict token refresh/s, 32 conns, synchronous={name} ({spread})"
+        figures.append(at_least(label, statistics.median(rates), 15_000, "/s"))
+        figures.append(
+            at_most(f"dict token refresh p99, synchronous={name}", statistics.median(p99s), 5, "ms")
+        )
+    return figures

@@ -34,6 +34,7 @@ from typing import Any
 from chatmail_common.logclip import clip
 
 from . import dictproto as dp
+from .groupcommit import GroupCommitter
 from .metadata import MetadataDict
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,15 @@ KEEP_SOCKET_PATH: dict[str, bool] = {"cleanup_socket": False} if sys.version_inf
 class DictProtocol(asyncio.Protocol):
     """One Dovecot dict connection."""
 
-    def __init__(self, backend: MetadataDict, max_line: int, stats: ServerStats) -> None:
+    def __init__(
+        self,
+        backend: MetadataDict,
+        max_line: int,
+        stats: ServerStats,
+        group: GroupCommitter | None = None,
+    ) -> None:
         self.backend = backend
+        self.group = group
         self.conn = dp.DictConnection(max_line, backend.limits.max_value_bytes)
         self.stats = stats
         self.transport: asyncio.Transport | None = None
@@ -64,7 +72,7 @@ class DictProtocol(asyncio.Protocol):
         self._version_counted = False
         self._handlers: dict[type, Callable[[Any], object]] = {
             dp.Lookup: backend.lookup,
-            dp.Commit: backend.commit,
+            dp.Commit: backend.commit if group is None else self._group_commit,
             dp.Iterate: backend.iterate,
             dp.Refusal: _own_failure,
         }
@@ -119,6 +127,11 @@ class DictProtocol(asyncio.Protocol):
             except Exception as exc:  # one reply is owed whatever happened
                 log.exception("error handling %s", kind.__name__)
                 reply = dp.Failure(f"internal error: {exc}")
+            if reply is GROUPED:  # answered when its group is durable: wait for it, in order
+                self._write(out)
+                out = []
+                self._busy = True
+                break
             if type(reply) in reply_types or reply is None or not inspect.isawaitable(reply):
                 data = self._send(ev, reply)  # type: ignore[arg-type]
                 out.append(data)
@@ -136,6 +149,18 @@ class DictProtocol(asyncio.Protocol):
         self._write(out)
         if conn.problems:
             _log_problems(conn)
+
+    def _group_commit(self, ev: dp.Commit) -> object:
+        assert self.group is not None
+        self.group.submit(ev, lambda reply: self._resume(ev, reply))
+        return GROUPED
+
+    def _resume(self, ev: dp.ReplyOwing, reply: object) -> None:
+        """Send the reply the connection was waiting for, then carry on with its events."""
+        self._write([self._send(ev, reply)])
+        self._busy = False
+        if self.transport is not None and not self._paused:
+            self._process()
 
     def _hello(self, hello: dp.Hello) -> None:
         if not self._version_counted:
@@ -156,14 +181,15 @@ class DictProtocol(asyncio.Protocol):
         except Exception as exc:  # never leave Dovecot without its one reply
             log.exception("lookup failed")
             reply = dp.Failure(f"internal error: {exc}")
-        self._write([self._send(ev, reply)])
-        self._busy = False
-        if self.transport is not None and not self._paused:
-            self._process()
+        self._resume(ev, reply)
 
     def _write(self, chunks: list[bytes]) -> None:
         if chunks and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(chunks))
+
+
+#: What the commit handler returns when the reply comes later, from the group commit.
+GROUPED = object()
 
 
 def _own_failure(ev: dp.Refusal) -> None:
@@ -255,8 +281,9 @@ async def start_dict_server(
     """
     stats = stats or ServerStats()
     loop = asyncio.get_running_loop()
+    group = GroupCommitter(backend.commit_many, loop)
     server = await loop.create_unix_server(
-        lambda: DictProtocol(backend, max_line, stats),
+        lambda: DictProtocol(backend, max_line, stats, group),
         sock=sock,
         backlog=LISTEN_BACKLOG,
         **KEEP_SOCKET_PATH,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from chatmail_common.digest import token_digest
@@ -27,7 +27,14 @@ from chatmail_common.logclip import clip
 
 from . import dictproto as dp
 from .config import Limits
-from .serverkeys import SERVER_KEY_PREFIX, STATIC_NAMES, TURN, ServerKeys, server_key_name
+from .serverkeys import (
+    SERVER_KEY_PREFIX,
+    STATIC_NAMES,
+    TURN,
+    TURN_UNKNOWN,
+    ServerKeys,
+    server_key_name,
+)
 from .store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -91,7 +98,10 @@ class MetadataDict:
         name = server_key_name(ev.key)
         if name is not None:
             if name == TURN:
-                return self._turn_reply()
+                cached = self.server_keys.cached_turn()
+                if cached is TURN_UNKNOWN:
+                    return self._turn_reply()
+                return dp.lookup_result(cached)  # type: ignore[arg-type]
             return dp.lookup_result(self.server_keys.static_value(name))
         parts = split_key(ev.key)
         if parts is None:
@@ -164,7 +174,12 @@ class MetadataDict:
         """Apply ``ev.ops`` in one SQLite transaction; ``COMMITTED`` or a ``Failure``."""
         try:
             return self._commit(ev)
-        except CommitRefused as exc:
+        except (CommitRefused, sqlite3.Error) as exc:
+            return self._failure(ev, exc)
+
+    def _failure(self, ev: dp.Commit, exc: Exception) -> dp.Failure:
+        """The ``F`` a refused or failed transaction is answered with, logged once."""
+        if isinstance(exc, CommitRefused):
             log.warning(
                 "commit refused for %s (dict %s): %s",
                 clip(ev.user),
@@ -172,9 +187,56 @@ class MetadataDict:
                 clip(exc),
             )
             return dp.Failure(str(exc))
-        except sqlite3.Error as exc:
+        if isinstance(exc, sqlite3.Error):
             log.error("commit failed for %s: %s", clip(ev.user), exc)
             return dp.Failure(f"storage error: {exc}")
+        log.error("error handling Commit", exc_info=exc)
+        return dp.Failure(f"internal error: {exc}")
+
+    def commit_many(self, evs: Sequence[dp.Commit]) -> list[dp.CommitReply]:
+        """Group commit: ``evs`` in ONE SQLite transaction, each answered as if alone.
+
+        Replies are computed only after COMMIT returned, so an ``O`` still means durable.
+        A transaction that fails (refused, a statement error, a bug) is answered ``F``
+        and leaves nothing behind: the whole group is rolled back and the others are
+        applied again without it, in a new transaction (each round drops one, so this
+        ends).  If COMMIT itself fails, each transaction is retried on its own.
+        """
+        if len(evs) == 1:
+            return [self.commit(evs[0])]
+        replies: list[dp.CommitReply | None] = [None] * len(evs)
+        todo = list(range(len(evs)))
+        while todo:
+            failed = None
+            try:
+                with self.store.transaction() as conn:
+                    outcomes = []
+                    for i in todo:
+                        try:
+                            outcomes.append(self._apply(conn, evs[i]))
+                        except Exception as exc:
+                            failed = (i, exc)
+                            raise
+            except Exception as exc:
+                self._hook_rolled_back()
+                if failed is None:  # BEGIN or COMMIT failed: nobody's fault, one at a time
+                    log.warning("group commit of %d failed (%s): one at a time", len(todo), exc)
+                    for i in todo:
+                        try:
+                            replies[i] = self.commit(evs[i])
+                        except Exception as one:
+                            replies[i] = self._failure(evs[i], one)
+                    break
+                i, why = failed
+                replies[i] = self._failure(evs[i], why)
+                todo.remove(i)
+                continue
+            if any(new_mail for _nf, new_mail in outcomes) and self.hook is not None:
+                self.hook.committed()
+            for i, (notfound, _nm) in zip(todo, outcomes, strict=True):
+                replies[i] = dp.COMMIT_NOTFOUND if notfound else dp.COMMITTED
+            break
+        return replies  # type: ignore[return-value]
 
     def _apply(self, conn: sqlite3.Connection, ev: dp.Commit) -> tuple[bool, bool]:
         user = ev.user
@@ -232,7 +294,8 @@ class MetadataDict:
             raise CommitRefused("devicetoken does not support increments")
         token = _validate_token(op.value)
         self.store.add_token(user, token, now, guid.decode("ascii", "replace"))
-        log.debug("stored device token %s for %s", token_digest(token), user)
+        if log.isEnabledFor(logging.DEBUG):  # the digest is a hash of ~1 KB on every connect
+            log.debug("stored device token %s for %s", token_digest(token), user)
 
     def _message_new(self, conn: sqlite3.Connection, ev: dp.Commit, now: float) -> None:
         if self.delivery_dict is not None and ev.dict_name != self.delivery_dict:

@@ -26,6 +26,12 @@ TURN_TIMEOUT = 5.0
 #: a socket attempt (and, before, a log line) per GETMETADATA.  Short, so that a helper
 #: that comes back is used again within seconds.
 TURN_FAILURE_CACHE_SECONDS = 5.0
+#: Credentials the helper gave are answered from memory for at most this long, so that
+#: Delta Chat's read on every login costs no I/O.  Only credentials that carry their
+#: expiry (``<unix time>:<password>``, as chatmail-turn makes them) are kept, and never
+#: closer than ``TURN_EXPIRY_MARGIN`` to that expiry.
+TURN_CACHE_SECONDS = 60.0
+TURN_EXPIRY_MARGIN = 600.0
 #: Names answered from configuration; listings (``I``) show these, sorted.
 STATIC_NAMES = (b"appversions", b"irohrelay", b"maxsmtprecipients")
 #: Answered by asking the TURN helper (I/O), so only on a lookup, never in a listing.
@@ -76,8 +82,24 @@ async def read_turn_credentials(socket_path: str, timeout: float | None = None) 
     return cred
 
 
+def turn_expiry(cred: str) -> int | None:
+    """The Unix time a ``<expiry>:<password>`` credential runs out, or None if it has none."""
+    head, sep, _ = cred.partition(":")
+    if not sep or not head.isdigit():
+        return None
+    return int(head)
+
+
+#: :meth:`ServerKeys.cached_turn` when the answer needs an ask of the helper.
+TURN_UNKNOWN = object()
+
+
 class ServerKeys:
     """Answers the served names; ``turn`` is the only one that needs I/O.
+
+    A ``turn`` answer is remembered (credentials until shortly before their expiry, at
+    most ``TURN_CACHE_SECONDS``; a failure for ``TURN_FAILURE_CACHE_SECONDS``), and
+    lookups that arrive while the helper is being asked share that one ask.
 
     The TURN helper's state is logged once per change (a WARNING when it fails, an INFO
     when it answers again); ``on_turn_failure`` is called for every failed ask (the
@@ -89,13 +111,18 @@ class ServerKeys:
         config: Config,
         on_turn_failure: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._appversions_cache: tuple[float, bytes | None] | None = None
         self._on_turn_failure = on_turn_failure
         self._clock = clock
+        self._wall_clock = wall_clock
         self._turn_down = False
         self._turn_retry_at = 0.0
+        self._turn_value: bytes | None = None
+        self._turn_valid_until = 0.0  # monotonic; _turn_value is answered before this
+        self._turn_ask: asyncio.Future[bytes | None] | None = None
 
     def static_value(self, name: bytes) -> bytes | None:
         if name == b"irohrelay":
@@ -119,9 +146,29 @@ class ServerKeys:
             self._appversions_cache = cached
         return cached[1]
 
-    async def turn(self) -> bytes | None:
-        if self._turn_down and self._clock() < self._turn_retry_at:
+    def cached_turn(self) -> bytes | None | object:
+        """The ``turn`` answer without I/O, or ``TURN_UNKNOWN`` if the helper must be asked."""
+        now = self._clock()
+        if self._turn_down and now < self._turn_retry_at:
             return None  # failed moments ago: no socket attempt, no log line
+        if self._turn_value is not None and now < self._turn_valid_until:
+            return self._turn_value
+        return TURN_UNKNOWN
+
+    async def turn(self) -> bytes | None:
+        cached = self.cached_turn()
+        if cached is not TURN_UNKNOWN:
+            return cached  # type: ignore[return-value]
+        if self._turn_ask is None:  # the first asker asks; the others wait for its answer
+            self._turn_ask = asyncio.ensure_future(self._ask_turn())
+            self._turn_ask.add_done_callback(self._turn_asked)
+        return await asyncio.shield(self._turn_ask)
+
+    def _turn_asked(self, ask: asyncio.Future[bytes | None]) -> None:
+        if self._turn_ask is ask:
+            self._turn_ask = None
+
+    async def _ask_turn(self) -> bytes | None:
         path = self.config.turn_socket_path
         try:
             cred = await read_turn_credentials(path)
@@ -136,4 +183,17 @@ class ServerKeys:
         if self._turn_down:
             self._turn_down = False
             log.info("TURN helper answers again (%s)", path)
-        return f"{self.config.turn_hostname}:{TURN_PORT}:{cred}".encode()
+        value = f"{self.config.turn_hostname}:{TURN_PORT}:{cred}".encode()
+        self._remember_turn(value, turn_expiry(cred))
+        return value
+
+    def _remember_turn(self, value: bytes, expiry: int | None) -> None:
+        if expiry is None:
+            self._turn_value = None  # no expiry to respect: ask again next time
+            return
+        ttl = min(TURN_CACHE_SECONDS, expiry - TURN_EXPIRY_MARGIN - self._wall_clock())
+        if ttl > 0:
+            self._turn_value = value
+            self._turn_valid_until = self._clock() + ttl
+        else:
+            self._turn_value = None

@@ -131,6 +131,11 @@ class MetadataStore:
             (user, token, guid, now, now, user),
         )
         self.prune_tokens(user, now)
+        # The eviction statement sorts the user's tokens (~90 us, most of a refresh);
+        # counting first (~3 us) skips it in the usual case of a user under the limit.
+        (count,) = self.conn.execute("SELECT count(*) FROM tokens WHERE user=?", (user,)).fetchone()
+        if count <= self.policy.max_per_user:
+            return
         self.conn.execute(
             "DELETE FROM tokens WHERE user=? AND rowid NOT IN ("
             " SELECT rowid FROM tokens WHERE user=? ORDER BY set_at DESC, touched DESC LIMIT ?)",
