@@ -23,7 +23,7 @@ write is one transaction of :class:`chatmaild.database.Writer`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .database import Writer, connect
@@ -31,6 +31,11 @@ from .jobqueue import Job, RetryPolicy
 from .store import MetadataStore
 
 _JOB_COLUMNS = "id, user, token, deadline, due, attempts"
+
+#: What :meth:`JobStore.apply` does to a job: count an attempt (and read the job), delete
+#: it (done: sent, or dropped), or set its next due time.
+CLAIM, FINISH, RESCHEDULE = "claim", "finish", "reschedule"
+JobOp = tuple[str, int, float]  # (CLAIM | FINISH | RESCHEDULE, job id, due for RESCHEDULE)
 
 
 class JobStore:
@@ -72,21 +77,38 @@ class JobStore:
     # -- the workers' operations, each its own transaction -----------------
     def claim(self, job_id: int) -> Job | None:
         """Count an attempt before it is made; None if the job is gone (finished or dropped)."""
-        with self._writer.transaction() as conn:
-            rows = conn.execute(  # fetchall: the statement is done before COMMIT
-                f"UPDATE jobs SET attempts = attempts + 1 WHERE id=? RETURNING {_JOB_COLUMNS}",
-                (job_id,),
-            ).fetchall()
-        return Job(*rows[0]) if rows else None
+        return self.apply([(CLAIM, job_id, 0.0)])[0]
 
     def finish(self, job_id: int) -> None:
         """The job is done: sent, or dropped after its last attempt."""
-        with self._writer.transaction() as conn:
-            conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        self.apply([(FINISH, job_id, 0.0)])
 
     def reschedule(self, job_id: int, due: float) -> None:
+        self.apply([(RESCHEDULE, job_id, due)])
+
+    def apply(self, ops: Sequence[JobOp]) -> list[Job | None]:
+        """Claims, finishes and reschedules, in order, in ONE write transaction.
+
+        The result of each claim is at its index (None for the other operations): the
+        batch of several workers' operations costs one commit (:mod:`chatmaild.jobcommit`).
+        """
+        results: list[Job | None] = []
         with self._writer.transaction() as conn:
-            conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
+            for kind, job_id, due in ops:
+                job = None
+                if kind == CLAIM:
+                    rows = conn.execute(  # fetchall: the statement is done before COMMIT
+                        "UPDATE jobs SET attempts = attempts + 1 WHERE id=? "
+                        f"RETURNING {_JOB_COLUMNS}",
+                        (job_id,),
+                    ).fetchall()
+                    job = Job(*rows[0]) if rows else None
+                elif kind == FINISH:
+                    conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+                else:
+                    conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
+                results.append(job)
+        return results
 
     def remove_token(self, user: str, token: str) -> tuple[bool, int]:
         """410: delete exactly that token of that user and every job still owed to it.
