@@ -42,6 +42,8 @@ from hpack import NeverIndexedHeaderTuple
 
 from chatmail_common.tls import Verify, make_ssl_context
 
+from .hpackmemo import MemoEncoder
+
 log = logging.getLogger(__name__)
 
 #: Longest wait for TCP, TLS and the server's first SETTINGS frame.
@@ -130,6 +132,7 @@ class _Connection(asyncio.Protocol):
             client_side=True, header_encoding="utf-8", validate_outbound_headers=False
         )
         self._h2 = _DrainingH2Connection(config=config)
+        self._h2.encoder = MemoEncoder()  # before any header is encoded
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()  # streams with body bytes waiting for window
