@@ -42,15 +42,20 @@ class DueQueue(Generic[T]):
                 self._cond.notify()
 
     def put_many(self, items: list[tuple[float, T]]) -> None:
+        """Schedule several items; wakes as many workers as items were added, not all of
+        them (a commit of one job used to wake every idle worker only for one to get it)."""
         with self._cond:
+            added = 0
             for due, item in items:
                 if item in self._members:
                     continue
                 self._members.add(item)
                 self._seq += 1
                 self._heap.append((due, self._seq, item))
-            heapq.heapify(self._heap)
-            self._cond.notify_all()
+                added += 1
+            if added:
+                heapq.heapify(self._heap)
+                self._cond.notify(added)
 
     def get(self) -> T:
         """Block until the earliest item is due; raise :class:`Closed` after :meth:`close`."""

@@ -23,7 +23,7 @@ write is one transaction of :class:`chatmaild.database.Writer`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .database import Writer, connect
@@ -32,6 +32,12 @@ from .outcomelog import PushRecord, record
 from .store import MetadataStore
 
 _JOB_COLUMNS = "id, user, token, deadline, due, attempts"
+
+#: What :meth:`JobStore.apply` does to a job: count an attempt (and read the job), delete
+#: it (done: sent, or dropped), or set its next due time.
+CLAIM, FINISH, RESCHEDULE = "claim", "finish", "reschedule"
+#: (CLAIM | FINISH | RESCHEDULE, job id, due for RESCHEDULE, the attempt's outcome or None)
+JobOp = tuple[str, int, float, PushRecord | None]
 
 
 class JobStore:
@@ -73,26 +79,42 @@ class JobStore:
     # -- the workers' operations, each its own transaction -----------------
     def claim(self, job_id: int) -> Job | None:
         """Count an attempt before it is made; None if the job is gone (finished or dropped)."""
-        with self._writer.transaction() as conn:
-            rows = conn.execute(  # fetchall: the statement is done before COMMIT
-                f"UPDATE jobs SET attempts = attempts + 1 WHERE id=? RETURNING {_JOB_COLUMNS}",
-                (job_id,),
-            ).fetchall()
-        return Job(*rows[0]) if rows else None
+        return self.apply([(CLAIM, job_id, 0.0, None)])[0]
 
     # Each takes the attempt's PushRecord, counted in the same transaction (chatmaild.outcomelog).
     def finish(self, job_id: int, outcome: PushRecord | None = None) -> None:
         """The job is done: sent, or dropped after its last attempt."""
-        with self._writer.transaction() as conn:
-            conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-            if outcome is not None:
-                record(conn, outcome)
+        self.apply([(FINISH, job_id, 0.0, outcome)])
 
     def reschedule(self, job_id: int, due: float, outcome: PushRecord | None = None) -> None:
+        self.apply([(RESCHEDULE, job_id, due, outcome)])
+
+    def apply(self, ops: Sequence[JobOp]) -> list[Job | None]:
+        """Claims, finishes and reschedules, in order, in ONE write transaction.
+
+        The result of each claim is at its index (None for the other operations): the
+        batch of several workers' operations costs one commit (:mod:`chatmaild.jobcommit`).
+        A finish or reschedule carrying a :class:`PushRecord` counts it in the same commit.
+        """
+        results: list[Job | None] = []
         with self._writer.transaction() as conn:
-            conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
-            if outcome is not None:
-                record(conn, outcome)
+            for kind, job_id, due, outcome in ops:
+                job = None
+                if kind == CLAIM:
+                    rows = conn.execute(  # fetchall: the statement is done before COMMIT
+                        "UPDATE jobs SET attempts = attempts + 1 WHERE id=? "
+                        f"RETURNING {_JOB_COLUMNS}",
+                        (job_id,),
+                    ).fetchall()
+                    job = Job(*rows[0]) if rows else None
+                elif kind == FINISH:
+                    conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+                else:
+                    conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
+                if outcome is not None:
+                    record(conn, outcome)
+                results.append(job)
+        return results
 
     def remove_token(
         self, user: str, token: str, outcome: PushRecord | None = None

@@ -7,8 +7,10 @@ served by worker threads.  Each worker opens its own
 :class:`~chatmaild.jobstore.JobStore` (with ``open_jobs``) and its push transport
 (one keep-alive HTTP client), claims a job (counting the attempt first), pushes the
 token and records the verdict: SENT done, GONE delete that token, RETRY on the
-:class:`~chatmaild.jobqueue.RetryPolicy` schedule.  The store does every write in
-its own transaction: the notifier knows no SQL, no lock and no table.
+:class:`~chatmaild.jobqueue.RetryPolicy` schedule.  Claims, finishes and reschedules
+of all workers are group-committed by one :class:`~chatmaild.jobcommit.JobCommitter`
+(one transaction per batch; a claim returns once it is on disk); the notifier knows
+no SQL, no lock and no table.
 
 Workers are supervised: a worker that cannot open its store or transport (at the fd
 limit, ``OSError: Too many open files``) retries with capped backoff instead of dying,
@@ -27,6 +29,7 @@ from chatmail_common.digest import token_digest
 from chatmail_common.outcome import Outcome
 
 from .duequeue import Closed, DueQueue
+from .jobcommit import JobCommitter
 from .jobqueue import Job, RetryPolicy
 from .jobstore import JobStore
 from .outcomelog import DROPPED, GONE, RETRIED, SENT, PushRecord
@@ -74,6 +77,7 @@ class Notifier:
         self._parked: dict[tuple[str, str], set[Ticket]] = {}
         self._stopping = threading.Event()
         self._live = 0  # workers with their resources open (under _lock)
+        self._commits: JobCommitter | None = None  # from start() to stop()
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self.metrics.workers_live.set_function(lambda: self._live)
         self.metrics.workers_configured.set(workers)
@@ -105,8 +109,13 @@ class Notifier:
         store = self.open_jobs()
         try:
             jobs = store.pending()
-        finally:
+        except BaseException:
             store.close()
+            raise
+        # The resume read's connection becomes the committer's: one transaction per batch
+        # of the workers' claims and finishes.
+        self._commits = JobCommitter(store)
+        self._commits.start()
         self.queue.put_many([(job.due, _ticket(job)) for job in jobs])
         self._stopping.clear()
         for i in range(self.workers):
@@ -125,6 +134,9 @@ class Notifier:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
+        if self._commits is not None:
+            self._commits.close()  # writes the finishes still queued
+            self._commits = None
 
     # -- workers ------------------------------------------------------------
     def _supervise(self) -> None:
@@ -225,7 +237,9 @@ class Notifier:
                 self.queue.put(self.clock(), waiting)
 
     def _attempt(self, store: JobStore, transport: PushTransport, job_id: int) -> None:
-        job = store.claim(job_id)
+        commits = self._commits
+        assert commits is not None  # workers run between start() and stop()
+        job = commits.claim(store, job_id)
         if job is None:
             return  # finished, removed with its token, or never committed
         digest = token_digest(job.token)
@@ -234,13 +248,13 @@ class Notifier:
         if job.attempts > self.policy.max_attempts or expired:
             # Claimed after a restart with nothing left: this claim sends nothing.
             why = "deadline passed" if expired else "no attempt left"
-            self._drop(store, job, digest, f"not sent, {why}", job.attempts - 1, why)
+            self._drop(commits, store, job, digest, f"not sent, {why}", job.attempts - 1, why)
             return
         start = time.perf_counter()
         answer = transport.push(job.token)
         self.metrics.latency.observe(time.perf_counter() - start)
         if answer.outcome is Outcome.SENT:
-            store.finish(job.id, PushRecord(SENT, answer.detail, self.clock()))
+            commits.finish(store, job.id, PushRecord(SENT, answer.detail, self.clock()))
             self.metrics.sent.inc()
             log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
         elif answer.outcome is Outcome.GONE:
@@ -249,14 +263,16 @@ class Notifier:
             self.metrics.tokens_removed.inc(int(removed))
             log.info("push to %s for %s: token gone (%s), removed", digest, job.user, answer.detail)
         else:
-            self._retry(store, job, digest, answer.detail)
+            self._retry(commits, store, job, digest, answer.detail)
 
-    def _retry(self, store: JobStore, job: Job, digest: str, detail: str) -> None:
+    def _retry(
+        self, commits: JobCommitter, store: JobStore, job: Job, digest: str, detail: str
+    ) -> None:
         due = self.policy.next_due(job.attempts, job.deadline, self.clock())
         if due is None:
-            self._drop(store, job, digest, f"failed: {detail}", job.attempts, detail)
+            self._drop(commits, store, job, digest, f"failed: {detail}", job.attempts, detail)
             return
-        store.reschedule(job.id, due, PushRecord(RETRIED, detail, self.clock()))
+        commits.reschedule(store, job.id, due, PushRecord(RETRIED, detail, self.clock()))
         self.metrics.retried.inc()
         log.warning(
             "push to %s for %s failed: %s; retry %d in %.0f s",
@@ -269,10 +285,17 @@ class Notifier:
         self.queue.put(due, _ticket(job))
 
     def _drop(
-        self, store: JobStore, job: Job, digest: str, why: str, attempts: int, answer: str
+        self,
+        commits: JobCommitter,
+        store: JobStore,
+        job: Job,
+        digest: str,
+        why: str,
+        attempts: int,
+        answer: str,
     ) -> None:
         """The job's attempts or deadline are used up: delete it, count it, say why."""
-        store.finish(job.id, PushRecord(DROPPED, answer, self.clock()))
+        commits.finish(store, job.id, PushRecord(DROPPED, answer, self.clock()))
         self.metrics.dropped.inc()
         log.error(
             "push to %s for %s %s; dropped after %d attempt(s)", digest, job.user, why, attempts

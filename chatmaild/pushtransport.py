@@ -8,8 +8,11 @@ the embedded proxy's verdict is taken as it is.
 
 from __future__ import annotations
 
+import http.client
+import select
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -41,6 +44,9 @@ class _ProxyVerdict(Protocol):
     message: str
 
 
+USER_AGENT = "chatmail-metadata"
+
+
 def answer_for_status(status: int) -> PushAnswer:
     """The relay's reading of a ``/notify`` status: 200 done, 410 gone, else retry."""
     if status == 200:
@@ -51,30 +57,80 @@ def answer_for_status(status: int) -> PushAnswer:
 
 
 class HttpPushTransport:
-    """One keep-alive httpx client per worker thread; HTTP/2 when the URL is https.
+    """One keep-alive HTTP client per worker thread: HTTP/2 (httpx) when the URL is https,
+    the standard library's HTTP/1.1 client (:class:`PlainHttpClient`) for a plain http URL.
 
     The body is the raw token: no JSON, no trailing newline, no content type,
-    exactly what upstream's relay sends.
+    exactly what upstream's relay sends.  A plain-http proxy is on loopback or the
+    local network, where httpx's per-request machinery cost a worker about five times
+    the CPU of the request itself (and the notifier's twelve workers share one GIL).
     """
 
     def __init__(self, url: str, timeout: float, verify: bool | str = True) -> None:
         self.url = url
-        self.client = httpx.Client(
-            http2=url.startswith("https://"),
-            timeout=timeout,
-            verify=verify,
-            headers={"user-agent": "chatmail-metadata"},
-        )
+        self.client: httpx.Client | PlainHttpClient
+        if url.startswith("http://"):
+            self.client = PlainHttpClient(url, timeout)
+        else:
+            self.client = httpx.Client(
+                http2=url.startswith("https://"),
+                timeout=timeout,
+                verify=verify,
+                headers={"user-agent": USER_AGENT},
+            )
 
     def push(self, token: str) -> PushAnswer:
+        client = self.client
+        if isinstance(client, PlainHttpClient):
+            return client.push(token)
         try:
-            status = self.client.post(self.url, content=token.encode()).status_code
+            status = client.post(self.url, content=token.encode()).status_code
         except httpx.HTTPError as exc:
-            return PushAnswer(Outcome.RETRY, f"error ({type(exc).__name__}: {exc})")
+            return _failed(exc)
         return answer_for_status(status)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _failed(exc: Exception) -> PushAnswer:
+    return PushAnswer(Outcome.RETRY, f"error ({type(exc).__name__}: {exc})")
+
+
+class PlainHttpClient:
+    """POST over one keep-alive HTTP/1.1 connection (``http.client``), reopened when needed.
+
+    A connection the server has closed while idle (its keep-alive timeout) is readable
+    (EOF) before the next request: it is reopened first, so that request is not lost
+    to a stale connection.  Any error during a request is a RETRY, never repeated here.
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.hostname is None:
+            raise ValueError(f"notify URL without a host: {url}")
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        self.headers = {"User-Agent": USER_AGENT}
+
+    def _drop_stale(self) -> None:
+        sock = self.conn.sock
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            self.conn.close()  # EOF (closed by the server) or bytes nobody asked for
+
+    def push(self, token: str) -> PushAnswer:
+        self._drop_stale()
+        try:
+            self.conn.request("POST", self.path, token.encode(), self.headers)
+            response = self.conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.conn.close()
+            return _failed(exc)
+        return answer_for_status(response.status)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class EmbeddedPushTransport:
