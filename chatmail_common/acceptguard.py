@@ -207,3 +207,28 @@ class GuardedServer:
             episode.failures,
             episode.last_failure - episode.started + PAUSE_SECONDS,
         )
+
+
+async def bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening TCP sockets for every address ``host`` resolves to, as
+    ``loop.create_server`` binds them (``SO_REUSEADDR``; IPv6 sockets IPv6-only).
+
+    Raises the resolver's or ``bind()``'s ``OSError`` unchanged (and closes what it bound).
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

@@ -13,9 +13,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from helpers_chatmaild import write_ini
+
+from devstack.loopback import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FD_LIMIT = 64
@@ -74,28 +77,72 @@ def test_the_dict_server_backs_off_at_the_fd_limit_and_answers_afterwards(tmp_pa
             stderr=subprocess.STDOUT,
             preexec_fn=_limit_both,
         )
-    held: list[socket.socket] = []
     try:
         _wait_for_socket(path, proc)
-        for _ in range(HOLD):
-            sock = socket.socket(socket.AF_UNIX)
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                sock.connect(str(path))
-            held.append(sock)
-        time.sleep(AT_LIMIT_SECONDS)
-        for sock in held:
-            sock.close()
-        held.clear()
+        _hold_then_release(socket.AF_UNIX, str(path))
         reply = _lookup(path, ANSWER_TIMEOUT)
         assert reply.endswith(b"\n") and reply[:1] in (b"O", b"N")
         _wait_for_log(log_path, "accepting again", ANSWER_TIMEOUT)
     finally:
-        for sock in held:
-            sock.close()
         proc.terminate()
         proc.wait(30)
-    text = log_path.read_text(errors="replace")
+    _assert_one_episode(log_path.read_text(errors="replace"))
+
+
+def test_the_proxy_backs_off_at_the_fd_limit_and_answers_afterwards(tmp_path):
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp_path / "log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "notifiers.cli",
+                "--log-provider",
+                "--port",
+                str(port),
+                "--metrics",
+                f"127.0.0.1:{metrics_port}",
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_limit_both,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_log(log_path, "metrics on", ANSWER_TIMEOUT)
+        _hold_then_release(socket.AF_INET, ("127.0.0.1", port))
+        with urllib.request.urlopen(base + "/", timeout=ANSWER_TIMEOUT) as answer:
+            assert answer.status == 200
+        _wait_for_log(log_path, "accepting again", ANSWER_TIMEOUT)
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=ANSWER_TIMEOUT) as answer:
+            metrics = answer.read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    _assert_one_episode(log_path.read_text(errors="replace"))
+    assert "listener_accept_pauses_total 1.0" in metrics
+
+
+def _hold_then_release(family: int, address) -> None:
+    """Connect more clients than the server has descriptors for, hold them, close them."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(HOLD):
+            sock = socket.socket(family)
+            held.append(sock)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(address)
+        time.sleep(AT_LIMIT_SECONDS)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _assert_one_episode(text: str) -> None:
     assert "Traceback" not in text
     assert text.count("out of system resource") == 0
     assert text.count("accepting paused") == 1, text[-3000:]
