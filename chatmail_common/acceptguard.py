@@ -36,6 +36,8 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 #: How long accepting pauses after such an error: short, so a lookup waits little
 #: once descriptors are free, long enough that a process at its limit does not spin.
 PAUSE_SECONDS = 0.1
+#: The first retry after accepts worked again since the last failure (``_Episode.failed``).
+QUICK_RETRY_SECONDS = 0.001
 #: An episode ends once accepting has worked this long without a resource failure:
 #: a process hovering at its limit (connections closing and opening) is one episode,
 #: not a warning every time one descriptor comes free.
@@ -80,10 +82,17 @@ class _Episode:
     def __init__(self) -> None:
         self.started = self.last_failure = time.monotonic()
         self.failures = 1
+        self.accepted = 0  # since the last failure
+        self.delay = PAUSE_SECONDS  # until the next retry
         self.end_timer: asyncio.TimerHandle | None = None  # armed while accepting works
 
     def failed(self) -> None:
+        """Another failure: retry soon if accepts worked since the last one (descriptors
+        are coming free: a backlog of clients that gave up drains as fast as their
+        connections close), else back off (doubling) to the full pause: never a spin."""
+        self.delay = QUICK_RETRY_SECONDS if self.accepted else min(self.delay * 2, PAUSE_SECONDS)
         self.failures += 1
+        self.accepted = 0
         self.last_failure = time.monotonic()
         if self.end_timer is not None:
             self.end_timer.cancel()
@@ -170,20 +179,20 @@ class GuardedServer:
     def _pause(self, sock: socket.socket, exc: OSError) -> None:
         fd = sock.fileno()
         self._loop.remove_reader(fd)
-        self._retries[fd] = self._loop.call_later(PAUSE_SECONDS, self._resume, sock)
         episode = self._episodes.get(fd)
-        if episode is not None:
+        if episode is None:
+            episode = self._episodes[fd] = _Episode()
+            if self.on_pause is not None:
+                self.on_pause()
+            log.warning(
+                "accepting paused on %s: %s; retrying within %.1f s",
+                _socket_name(sock),
+                describe_resource_error(exc),
+                PAUSE_SECONDS,
+            )
+        else:
             episode.failed()
-            return
-        self._episodes[fd] = _Episode()
-        if self.on_pause is not None:
-            self.on_pause()
-        log.warning(
-            "accepting paused on %s: %s; retrying every %.1f s",
-            _socket_name(sock),
-            describe_resource_error(exc),
-            PAUSE_SECONDS,
-        )
+        self._retries[fd] = self._loop.call_later(episode.delay, self._resume, sock)
 
     def _resume(self, sock: socket.socket) -> None:
         self._retries.pop(sock.fileno(), None)
@@ -194,7 +203,10 @@ class GuardedServer:
         if not self._episodes:
             return
         episode = self._episodes.get(sock.fileno())
-        if episode is not None and episode.end_timer is None:
+        if episode is None:
+            return
+        episode.accepted += 1
+        if episode.end_timer is None:
             episode.end_timer = self._loop.call_later(EPISODE_QUIET_SECONDS, self._end, sock)
 
     def _end(self, sock: socket.socket) -> None:
