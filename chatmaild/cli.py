@@ -30,6 +30,7 @@ from chatmail_common.systemd import listen_fds, notify, watchdog_interval
 from .config import Config, ConfigError, check_notify_url, read_config
 from .database import DatabaseError, connect
 from .dictserver import ServerStats, bind_unix_socket, start_dict_server
+from .health import HealthSnapshot, check, notifier_snapshot
 from .jobstore import JobStore
 from .metadata import MetadataDict
 from .notifier import Notifier
@@ -171,7 +172,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         server, _ = await start_dict_server(
             backend, sock, config.limits.max_line_bytes, stats=stats
         )
-        await _run_until_signalled(args, config)
+        await _run_until_signalled(args, config, notifier)
         mark_stopped(conn, os.getpid(), time.time())
         server.close()
         await server.wait_closed()
@@ -200,14 +201,17 @@ def _service_row(config: Config, args: argparse.Namespace) -> ServiceRow:
     )
 
 
-async def _run_until_signalled(args: argparse.Namespace, config: Config) -> None:
+async def _run_until_signalled(
+    args: argparse.Namespace, config: Config, notifier: Notifier | None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("serving dict on %s, database %s", args.socket, config.database_path)
     notify("READY=1")
-    watchdog = asyncio.create_task(_watchdog()) if watchdog_interval() else None
+    interval = watchdog_interval()
+    watchdog = asyncio.create_task(_watchdog(interval, notifier)) if interval else None
     await stop.wait()
     if watchdog is not None:
         watchdog.cancel()
@@ -215,12 +219,35 @@ async def _run_until_signalled(args: argparse.Namespace, config: Config) -> None
     notify("STOPPING=1")
 
 
-async def _watchdog() -> None:
-    """Ping systemd's watchdog from the event loop, so a stuck loop gets the service restarted."""
-    interval = watchdog_interval() or 10.0
+async def _watchdog(interval: float, notifier: Notifier | None) -> None:
+    """Feed systemd's watchdog while the service works (:mod:`.health`), every ``interval``
+    (half ``WatchdogSec=``) from the event loop; ``STATUS=`` when the figures change.
+
+    The stall bound is ``WatchdogSec=`` itself: no worker progress while jobs have been
+    due that long, and systemd restarts the service one ``WatchdogSec=`` later.
+    """
+    loop = asyncio.get_running_loop()
+    stall = 2 * interval
+    lag = 0.0
+    status = None
+    fed = True
     while True:
-        notify("WATCHDOG=1")
+        snap = notifier_snapshot(notifier, stall) if notifier is not None else None
+        verdict = check(HealthSnapshot(lag, snap), max_loop_lag=interval, stall=stall)
+        if verdict.feed:
+            notify("WATCHDOG=1")
+        if verdict.feed != fed:  # one line per change, not per tick
+            fed = verdict.feed
+            if fed:
+                log.info("feeding the systemd watchdog again: %s", verdict.status)
+            else:
+                log.error("not feeding the systemd watchdog: %s", verdict.problem)
+        if verdict.status != status:
+            status = verdict.status
+            notify(f"STATUS={status}")
+        started = loop.time()
         await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - started - interval)
 
 
 def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None, Notifier | None]:

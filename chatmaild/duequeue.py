@@ -90,6 +90,13 @@ class DueQueue(Generic[T]):
                 return 0.0
             return max(0.0, self.clock() - self._heap[0][0])
 
+    def count_due(self, now: float, overdue_after: float) -> tuple[int, int]:
+        """(items due at ``now``, items due for longer than ``overdue_after`` seconds),
+        for the service's health check (a scan, so only every few seconds)."""
+        with self._cond:
+            dues = [due for due, _, _ in self._heap if due <= now]
+        return len(dues), sum(1 for due in dues if due < now - overdue_after)
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._heap)

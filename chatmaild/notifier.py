@@ -78,6 +78,9 @@ class Notifier:
         self._stopping = threading.Event()
         self._live = 0  # workers with their resources open (under _lock)
         self._commits: JobCommitter | None = None  # from start() to stop()
+        # clock() when a worker last took a job or finished one: the health check's
+        # "the notifier makes progress" (chatmaild.health).
+        self.last_progress = clock()
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self.metrics.workers_live.set_function(lambda: self._live)
         self.metrics.workers_configured.set(workers)
@@ -117,6 +120,7 @@ class Notifier:
         self._commits = JobCommitter(store)
         self._commits.start()
         self.queue.put_many([(job.due, _ticket(job)) for job in jobs])
+        self.last_progress = self.clock()
         self._stopping.clear()
         for i in range(self.workers):
             t = threading.Thread(target=self._supervise, name=f"notifier-{i}", daemon=True)
@@ -137,6 +141,11 @@ class Notifier:
         if self._commits is not None:
             self._commits.close()  # writes the finishes still queued
             self._commits = None
+
+    @property
+    def live_workers(self) -> int:
+        """Workers with their job store and transport open, serving jobs."""
+        return self._live
 
     # -- workers ------------------------------------------------------------
     def _supervise(self) -> None:
@@ -202,11 +211,13 @@ class Notifier:
                     ticket = self.queue.get()
                 except Closed:
                     return
+                self.last_progress = self.clock()
                 try:
                     self._run(store, transport, ticket)
                 except Exception:  # a worker must survive anything one job does
                     log.exception("notifier job %d failed unexpectedly", ticket[0])
                     self.queue.put(self.clock() + self.policy.delays[0], ticket)
+                self.last_progress = self.clock()
         finally:
             with self._lock:
                 self._live -= 1

@@ -27,6 +27,7 @@ class _DictStatsCollector(Collector):
         ("iterations", "Dict iterations (I) answered"),
         ("commits", "Dict transactions (C) answered"),
         ("refusals", "Dict commands refused as malformed or unknown"),
+        ("accept_pauses", "Episodes of accepting paused because descriptors ran out"),
     )
 
     def __init__(self, stats: object) -> None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from chatmail_common.acceptguard import GuardedServer, bind_tcp
 from chatmail_common.outcome import Outcome
 
 from .listener_log import RequestErrorLog, SafeAccessLogger
@@ -26,6 +28,9 @@ from .metrics import CONTENT_TYPE, ProxyMetrics
 from .service import NotifyResult, NotifyService
 
 DEFAULT_BODY_LIMIT = 8 * 1024
+#: What aiohttp's ``TCPSite`` uses: the proxy's clients are a few relays' notifiers
+#: with keep-alive connections, so connections arrive one by one, not in bursts.
+LISTEN_BACKLOG = 128
 #: Seconds a connection may sit idle, or take to send its request's headers.
 DEFAULT_KEEPALIVE_TIMEOUT = 15.0
 #: Seconds a request may take to send its body once its headers are in.
@@ -153,15 +158,52 @@ class ListenerTimeouts:
     read: float = DEFAULT_READ_TIMEOUT
 
 
+class GuardedSite(web.BaseSite):
+    """A TCP site accepting through :class:`~chatmail_common.acceptguard.GuardedServer`:
+    at the fd limit it pauses accepting for a moment and logs one line per episode,
+    where aiohttp's ``TCPSite`` (asyncio's accept loop) logs a traceback storm."""
+
+    __slots__ = ("_host", "_port", "_on_pause")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        on_pause: Callable[[], object] | None = None,
+    ) -> None:
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self._host, self._port, self._on_pause = host, port, on_pause
+
+    @property
+    def name(self) -> str:
+        return f"http://{_address(self._host, self._port)}"
+
+    async def start(self) -> None:
+        await super().start()
+        handler = self._runner.server
+        assert handler is not None
+        sockets = await bind_tcp(self._host, self._port, self._backlog)
+        server = GuardedServer(sockets, handler, on_pause=self._on_pause)
+        server.start()
+        self._server = server  # type: ignore[assignment]  # close() is all stop() uses
+
+
 async def start_listener(
-    app: web.Application, host: str, port: int, *, timeouts: ListenerTimeouts | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    timeouts: ListenerTimeouts | None = None,
+    on_pause: Callable[[], object] | None = None,
 ) -> web.AppRunner:
     """Serve ``app`` on ``host:port``; the caller cleans the returned runner up.
 
     Slow clients are cut off (``timeouts``), and aiohttp's request logging is
     replaced by one that never quotes what the client sent (:mod:`.listener_log`).
     Raises :class:`ListenError` (``cannot listen on HOST:PORT: <reason>``) for an
-    unknown host, a taken port or a port it may not bind.
+    unknown host, a taken port or a port it may not bind.  ``on_pause`` is called once
+    per episode of accepting paused at the fd limit (:class:`GuardedSite`).
     """
     timeouts = timeouts or ListenerTimeouts()
     runner = web.AppRunner(
@@ -173,7 +215,7 @@ async def start_listener(
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await GuardedSite(runner, host, port, on_pause).start()
     except OSError as exc:
         await runner.cleanup()
         # asyncio's bind errors repeat the address in their text; the errno's text does not.

@@ -43,12 +43,19 @@ async def serve(settings: ProxySettings, stop: asyncio.Event | None = None) -> N
     try:
         app = make_app(service, body_limit=settings.body_limit, read_timeout=settings.read_timeout)
         timeouts = settings.listener_timeouts
-        runners.append(await start_listener(app, settings.host, settings.port, timeouts=timeouts))
+        paused = service.metrics.listener_accept_pauses.inc
+        runners.append(
+            await start_listener(
+                app, settings.host, settings.port, timeouts=timeouts, on_pause=paused
+            )
+        )
         log.info("listening on http://%s:%d", settings.host, settings.port)
         address = settings.metrics_address
         if address is not None:
             metrics_app = make_metrics_app(service.metrics)
-            runners.append(await start_listener(metrics_app, *address, timeouts=timeouts))
+            runners.append(
+                await start_listener(metrics_app, *address, timeouts=timeouts, on_pause=paused)
+            )
             log.info("metrics on http://%s:%d/metrics", *address)
         if heartbeats is not None:
             await heartbeats.start()

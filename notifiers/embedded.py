@@ -117,6 +117,7 @@ class EmbeddedProxy:
                     make_metrics_app(service.metrics),
                     *address,
                     timeouts=self.settings.listener_timeouts,
+                    on_pause=service.metrics.listener_accept_pauses.inc,
                 )
                 log.info("embedded proxy metrics on http://%s:%d/metrics", *address)
             self._loop = loop

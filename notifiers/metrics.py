@@ -96,6 +96,10 @@ class ProxyMetrics:
             "(send: no answer)",
             ["status"],
         )
+        self.listener_accept_pauses = counter(
+            "listener_accept_pauses",
+            "Episodes of accepting connections paused because descriptors ran out",
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_WithoutCreated(inner))
 
