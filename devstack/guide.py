@@ -21,6 +21,16 @@ def guide(
     """The guide's text; each command is on its own line, indented by five spaces."""
     imap, lmtp = dovecot.imap_port, dovecot.lmtp_port
     imapcmd = f"{shlex.quote(str(RUN_LOCAL))} imap {imap}"
+    status = " ".join(
+        shlex.quote(str(part))
+        for part in (
+            REPO / ".venv" / "bin" / "chatmail-metadata",
+            "status",
+            metadata.ini_path,
+            "--db",
+            metadata.db_path,
+        )
+    )
     return f"""
 == chatmail push, local stack (Ctrl-C stops it) ==
   Dovecot IMAP       127.0.0.1:{imap}   users alice@example.org / alicepass, bob@example.org / bobpass
@@ -46,5 +56,8 @@ alice has a demo device token already (set with IMAP SETMETADATA, as Delta Chat 
 4. Mail from alice to herself wakes nothing; more mail within 10 s is debounced
    into one trailing push. The counters:
      curl -s http://127.0.0.1:{metrics_port}/metrics | grep chatmail_push
+5. Is push working? The relay's own summary, and the check monitoring runs ("ok", exit 0):
+     {status}
+     {status} --check
 
 -- chatmail-metadata log --"""

@@ -140,3 +140,5 @@ def test_guide_commands_work_from_another_directory(local_stack, tmp_path):
         outputs.append(result.stdout)
     assert any("fcm-chat.delta:demo" in out for out in outputs)  # bob's token, read back
     assert any("chatmail_push" in out for out in outputs)  # the metrics command
+    assert any(out.strip() == "ok" for out in outputs)  # status --check on the running stack
+    assert any("tokens" in out for out in outputs)  # the status summary
