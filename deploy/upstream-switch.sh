@@ -167,9 +167,10 @@ rollback() {
       say "restored $orig"
     fi
   done < <(grep -P '^moved\t' "$root$state")
-  grep -P '^consumed\t' "$root$state" | while IFS=$'\t' read -r _ orig aside; do
+  # Not `grep | while`: under pipefail a grep that matches nothing would end the script.
+  while IFS=$'\t' read -r _ orig aside; do
     say "kept $aside: its pushes were imported (still queued ones are back in $orig)"
-  done
+  done < <(grep -P '^consumed\t' "$root$state")
   mv "$root$state" "$root$state.rolled-back-$(date -u +%Y%m%dT%H%M%SZ)"
   sysctl daemon-reload
   sysctl enable --now chatmail-metadata.service

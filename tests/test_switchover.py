@@ -255,3 +255,20 @@ def test_export_leaves_corrupt_files_and_missing_mailboxes_alone(tmp_path):
     assert (stats.corrupt, stats.no_mailbox, stats.files_written) == (1, 1, 0)
     assert (mailboxes / A / "metadata.json").read_bytes() == b"{not json"
     assert not (mailboxes / D).exists()
+
+
+def test_rollback_of_a_relay_that_had_no_queue_directory_starts_upstream(relay):
+    """Nothing was consumed (no pending_notifications at the switch): the rollback still
+    finishes (under pipefail an empty grep must not end it before upstream is started)."""
+    root, _, _ = relay
+    queue = root / MAILBOXES / "pending_notifications"
+    for f in queue.iterdir():
+        f.unlink()
+    queue.rmdir()
+    assert install(root, "--from-upstream").returncode == 0
+    res = install(root, "--rollback")
+    assert res.returncode == 0, res.stderr
+    assert "systemctl enable --now chatmail-metadata.service (not run" in res.stdout
+    assert "rolled back: upstream's chatmail-metadata serves" in res.stdout
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT
+    assert not (root / STATE).exists()
