@@ -272,3 +272,15 @@ def test_rollback_of_a_relay_that_had_no_queue_directory_starts_upstream(relay):
     assert "rolled back: upstream's chatmail-metadata serves" in res.stdout
     assert (root / UNIT).read_text() == UPSTREAM_UNIT
     assert not (root / STATE).exists()
+
+
+def test_a_dovecot_without_our_snippet_stops_the_switch_before_upstream_is_touched(relay):
+    """What can fail before ours is installed is checked before upstream is stopped: an
+    unsupported Dovecot must not leave the relay with neither service running."""
+    root, _, _ = relay
+    h0 = tree_hash(root)
+    res = install(root, "--from-upstream", dovecot="2.5.0 (f00)")
+    assert res.returncode == 1
+    assert "no snippet for Dovecot 2.5" in res.stderr
+    assert "systemctl stop" not in res.stdout
+    assert tree_hash(root) == h0 and not (root / STATE).exists()
