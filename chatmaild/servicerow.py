@@ -27,7 +27,7 @@ class ServiceRow:
     stopped: float | None = None
 
     def alive(self) -> bool:
-        """Not cleanly stopped and the pid exists (on this host)."""
+        """Not cleanly stopped, and the pid exists (on this host) and is still that process."""
         if self.stopped is not None:
             return False
         try:
@@ -36,7 +36,27 @@ class ServiceRow:
             return True
         except OSError:
             return False
-        return True
+        # A pid reused after a kill -9 (or a reboot): that process began after the row.
+        began = process_start(self.pid)
+        return began is None or began <= self.started + PID_REUSE_SLACK
+
+
+#: How much later than its row a process may seem to have started and still be the
+#: service: ``btime`` has whole seconds, and the clock may have been stepped since boot.
+PID_REUSE_SLACK = 2.0
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time) from ``/proc``; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        ticks = int(stat.rsplit(b")", 1)[1].split()[19])  # field 22, starttime
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 _COLUMNS = "pid, started, socket, metrics, notify_url, workers, stopped"
