@@ -284,3 +284,19 @@ def test_a_dovecot_without_our_snippet_stops_the_switch_before_upstream_is_touch
     assert "no snippet for Dovecot 2.5" in res.stderr
     assert "systemctl stop" not in res.stdout
     assert tree_hash(root) == h0 and not (root / STATE).exists()
+
+
+def test_a_rollback_interrupted_after_restoring_some_files_can_be_run_again(relay):
+    """A rollback that stopped part way (files restored, state file still there) is
+    rerun to the end: what is back already is left as it is."""
+    root, _, _ = relay
+    assert install(root, "--from-upstream").returncode == 0
+    state = (root / STATE).read_text()
+    lua = "/etc/dovecot/push_notification.lua"
+    aside = re.search(rf"^moved\t{re.escape(lua)}\t(\S+)$", state, re.M).group(1)
+    (root / aside.lstrip("/")).replace(root / lua.lstrip("/"))  # restored by the first run
+    res = install(root, "--rollback")
+    assert res.returncode == 0, res.stderr
+    assert (root / lua.lstrip("/")).read_text() == "-- upstream's hook\n"
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT
+    assert not (root / STATE).exists()
