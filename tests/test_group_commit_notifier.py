@@ -4,13 +4,17 @@ when the group is rolled back and retried (without the failing one, or one at a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import sqlite3
 
-from helpers_chatmaild import ALICE, BOB, Clock, make_backend, priv
+from helpers_chatmaild import ALICE, BOB, Clock, make_backend, priv, wire
+from test_group_commit import FakeTransport
 
 from chatmaild import dictproto as dp
+from chatmaild.dictserver import DictProtocol, ServerStats
+from chatmaild.groupcommit import GroupCommitter
 from chatmaild.jobstore import JobStore
 from chatmaild.notifier import Notifier
 
@@ -79,3 +83,40 @@ def test_a_group_whose_commit_fails_is_retried_one_by_one_and_enqueued_once(tmp_
     assert _queued(notifier) == _on_disk(backend)
     assert len(_on_disk(backend)) == 2
     assert notifier.metrics.queued._value.get() == 2  # staged once each, not per round
+
+
+def test_a_connection_lost_while_its_commit_waits_costs_the_others_nothing(tmp_path):
+    """Its transaction is still written (Dovecot may not learn it); the others get their
+    replies in order, one per commit, pipelined commits each in a later group."""
+    backend, notifier = _setup(tmp_path)
+    hello = b"H3\t2\t0\t\tmetadata\n"
+
+    async def main():
+        group = GroupCommitter(backend.commit_many, asyncio.get_running_loop())
+        conns = [
+            (DictProtocol(backend, dp.DEFAULT_MAX_LINE, ServerStats(), group), FakeTransport())
+            for _ in range(2)
+        ]
+        for proto, transport in conns:
+            proto.connection_made(transport)
+        (alice, ta), (carol, tc) = conns
+        alice.data_received(
+            hello
+            + wire(b"B1\t" + ALICE.encode(), b"S1\t" + priv("messagenew") + b"\t", b"C1")
+            + wire(b"B2\t" + ALICE.encode(), b"S2\t" + priv("k") + b"\tv", b"C2")
+        )
+        carol.data_received(
+            hello + wire(b"B1\t" + CAROL.encode(), b"S1\t" + priv("messagenew") + b"\t", b"C1")
+        )
+        tc.is_closing = lambda: True  # closed: nothing may be written any more
+        carol.connection_lost(None)
+        for _ in range(4):
+            await asyncio.sleep(0)
+        return group, ta.written, tc.written
+
+    group, alice_out, carol_out = asyncio.run(main())
+    assert alice_out == b"O1\nO2\n"
+    assert carol_out == b""
+    assert group.groups == 2
+    assert [u for _, u, _ in _queued(notifier)] == [ALICE, CAROL]
+    assert backend.store.get_attribute(ALICE, priv("k")) == b"v"
