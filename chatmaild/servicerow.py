@@ -9,11 +9,16 @@ serving, and marks the row stopped at a clean shutdown.  A ``kill -9`` leaves it
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .database import Writer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +68,8 @@ _COLUMNS = "pid, started, socket, metrics, notify_url, workers, stopped"
 
 
 def announce(conn: sqlite3.Connection, row: ServiceRow) -> None:
-    with Writer(conn).transaction():
+    """Write ``row``; best effort (see :func:`_best_effort`)."""
+    with _best_effort("record the service's start"), Writer(conn).transaction():
         conn.execute(
             f"INSERT OR REPLACE INTO service(id, {_COLUMNS}) VALUES (1,?,?,?,?,?,?,NULL)",
             (row.pid, row.started, row.socket, row.metrics, row.notify_url, row.workers),
@@ -71,8 +77,18 @@ def announce(conn: sqlite3.Connection, row: ServiceRow) -> None:
 
 
 def mark_stopped(conn: sqlite3.Connection, pid: int, when: float) -> None:
-    with Writer(conn).transaction():
+    with _best_effort("record the service's stop"), Writer(conn).transaction():
         conn.execute("UPDATE service SET stopped=? WHERE id=1 AND pid=?", (when, pid))
+
+
+@contextlib.contextmanager
+def _best_effort(what: str) -> Iterator[None]:
+    """The row is for ``status`` only: a database that cannot take the write (a full disk)
+    must not keep the service from starting, or stopping cleanly, and serving what it has."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        log.warning("cannot %s in the database (%s): status may show an older row", what, exc)
 
 
 def read(conn: sqlite3.Connection) -> ServiceRow | None:
