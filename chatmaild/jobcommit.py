@@ -132,6 +132,12 @@ class JobCommitter:
                 with self._cond:
                     self._ends[:0] = ends  # kept, in order, for the next batch
                     closed = self._closed
+                    # Stopping: no next batch, so the claims that queued meanwhile fail
+                    # too (their workers would otherwise wait forever).
+                    late, self._claims = (self._claims, []) if closed else ([], self._claims)
+                for c in late:
+                    c.error = exc
+                    c.done.set()
                 log.error(
                     "notifier cannot write %d job update(s): %s; retrying in %.1f s",
                     len(ops),

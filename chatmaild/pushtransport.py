@@ -110,7 +110,10 @@ class PlainHttpClient:
         if parts.hostname is None:
             raise ValueError(f"notify URL without a host: {url}")
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        # The port always explicit: without one, http.client parses a bare IPv6 host
+        # (``::1`` from ``[::1]``) as host ``:`` and port 1.
+        port = parts.port or http.client.HTTP_PORT
+        self.conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
         self.headers = {"User-Agent": USER_AGENT}
 
     def _drop_stale(self) -> None:

@@ -9,11 +9,16 @@ serving, and marks the row stopped at a clean shutdown.  A ``kill -9`` leaves it
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .database import Writer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +32,7 @@ class ServiceRow:
     stopped: float | None = None
 
     def alive(self) -> bool:
-        """Not cleanly stopped and the pid exists (on this host)."""
+        """Not cleanly stopped, and the pid exists (on this host) and is still that process."""
         if self.stopped is not None:
             return False
         try:
@@ -36,14 +41,35 @@ class ServiceRow:
             return True
         except OSError:
             return False
-        return True
+        # A pid reused after a kill -9 (or a reboot): that process began after the row.
+        began = process_start(self.pid)
+        return began is None or began <= self.started + PID_REUSE_SLACK
+
+
+#: How much later than its row a process may seem to have started and still be the
+#: service: ``btime`` has whole seconds, and the clock may have been stepped since boot.
+PID_REUSE_SLACK = 2.0
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time) from ``/proc``; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        ticks = int(stat.rsplit(b")", 1)[1].split()[19])  # field 22, starttime
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 _COLUMNS = "pid, started, socket, metrics, notify_url, workers, stopped"
 
 
 def announce(conn: sqlite3.Connection, row: ServiceRow) -> None:
-    with Writer(conn).transaction():
+    """Write ``row``; best effort (see :func:`_best_effort`)."""
+    with _best_effort("record the service's start"), Writer(conn).transaction():
         conn.execute(
             f"INSERT OR REPLACE INTO service(id, {_COLUMNS}) VALUES (1,?,?,?,?,?,?,NULL)",
             (row.pid, row.started, row.socket, row.metrics, row.notify_url, row.workers),
@@ -51,8 +77,18 @@ def announce(conn: sqlite3.Connection, row: ServiceRow) -> None:
 
 
 def mark_stopped(conn: sqlite3.Connection, pid: int, when: float) -> None:
-    with Writer(conn).transaction():
+    with _best_effort("record the service's stop"), Writer(conn).transaction():
         conn.execute("UPDATE service SET stopped=? WHERE id=1 AND pid=?", (when, pid))
+
+
+@contextlib.contextmanager
+def _best_effort(what: str) -> Iterator[None]:
+    """The row is for ``status`` only: a database that cannot take the write (a full disk)
+    must not keep the service from starting, or stopping cleanly, and serving what it has."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        log.warning("cannot %s in the database (%s): status may show an older row", what, exc)
 
 
 def read(conn: sqlite3.Connection) -> ServiceRow | None:

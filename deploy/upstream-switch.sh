@@ -158,18 +158,28 @@ rollback() {
   say "writing tokens stored since the switch into metadata.json, queued pushes for upstream"
   "$py" -m chatmaild.exporter "$ini" --root "${root:-/}" --since "$switched_at" --pending ||
     die "export failed: ours is stopped, upstream's files are not restored yet; fix and rerun --rollback"
-  rm -f "$root$service" "$root$units/chatmail-metadata.socket" "$root$lua" \
-    "$root/etc/dovecot/conf.d/90-chatmail-metadata.conf"
-  rm -rf "$root$service.d"
-  while IFS=$'\t' read -r kind orig aside; do
-    if [ "$kind" = moved ]; then
-      mv "$root$aside" "$root$orig"
+  # Ours goes; where it replaced one of upstream's, that one is moved back over it.  A
+  # rollback that stopped part way can be run again: a path whose aside is gone was
+  # restored already and is left alone (removing "ours" there would delete upstream's).
+  local p
+  for p in "$service" "$units/chatmail-metadata.socket" "$lua" \
+    /etc/dovecot/conf.d/90-chatmail-metadata.conf "$service.d"; do
+    awk -F'\t' -v p="$p" '$1 == "moved" && $2 == p { found = 1 } END { exit !found }' \
+      "$root$state" || rm -rf "$root$p"
+  done
+  while IFS=$'\t' read -r _ orig aside; do
+    if [ -e "$root$aside" ]; then
+      rm -rf "$root$orig"
+      mv -T "$root$aside" "$root$orig"
       say "restored $orig"
+    else
+      say "$orig: restored already ($aside is gone)"
     fi
   done < <(grep -P '^moved\t' "$root$state")
-  grep -P '^consumed\t' "$root$state" | while IFS=$'\t' read -r _ orig aside; do
+  # Not `grep | while`: under pipefail a grep that matches nothing would end the script.
+  while IFS=$'\t' read -r _ orig aside; do
     say "kept $aside: its pushes were imported (still queued ones are back in $orig)"
-  done
+  done < <(grep -P '^consumed\t' "$root$state")
   mv "$root$state" "$root$state.rolled-back-$(date -u +%Y%m%dT%H%M%SZ)"
   sysctl daemon-reload
   sysctl enable --now chatmail-metadata.service

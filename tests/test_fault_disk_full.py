@@ -129,3 +129,26 @@ def test_a_full_disk_refuses_commits_keeps_data_and_recovers(tmp_path: Path, sma
     finally:
         server.stop()
         sink.close()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_service_restarted_on_a_full_disk_serves_what_it_has(
+    tmp_path: Path, small_disk: Path, how: str
+):
+    """A restart (the watchdog's, an operator's) while the disk is full: the service comes
+    up and answers lookups (commits answer F), as before its start wrote the service row."""
+    server = MetadataServer(tmp_path, tmp_path / "metadata.socket", "off")
+    server.db_path = small_disk / "metadata.sqlite3"
+    try:
+        server.start()
+        assert commit(server, 1) == b"O1"
+        filler = small_disk / "filler"
+        fill(filler)
+        server.kill() if how == "kill" else server.stop()
+        offset = server.log_size()
+        server.start()
+        assert lookup(server, 1) == b"O" + value(1)
+        assert commit(server, 2).startswith(b"F1\t")
+        assert "Traceback" not in server.log_since(offset)
+    finally:
+        server.stop()

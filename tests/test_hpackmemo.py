@@ -40,3 +40,38 @@ def test_repeated_headers_are_remembered_but_never_indexed_ones_are_not():
         encoder.encode([(":method", "POST"), NeverIndexedHeaderTuple(":path", "/secret")])
     assert (b":method", b"POST", True) in encoder._memo
     assert not any(b"/secret" in key for key in encoder._memo)
+
+
+def test_peer_shrinking_and_growing_its_header_table_mid_connection():
+    """Through h2 itself: the server's SETTINGS_HEADER_TABLE_SIZE reaches the memo encoder,
+    which signals the size update and never reuses an index the peer has evicted."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.encoder = MemoEncoder()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+
+    def exchange() -> list:
+        events = server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())  # the client's SETTINGS ack
+        return events
+
+    exchange()
+    stream = 1
+    for size in (4096, 0, 4096, 64, 4096):
+        server.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: size})
+        exchange()
+        for _ in range(3):  # the same headers each time: remembered, until the table changes
+            headers = [tuple(h) for h in request(0)]
+            client.send_headers(stream, request(0), end_stream=True)
+            got = [e for e in exchange() if isinstance(e, h2.events.RequestReceived)]
+            assert [(bytes(n), bytes(v)) for n, v in got[0].headers] == [
+                (n.encode(), v.encode()) for n, v in headers
+            ]
+            stream += 2

@@ -178,3 +178,53 @@ def test_a_failed_batch_fails_its_claims_and_keeps_its_finishes(db, caplog):
     finally:
         committer.close()
         own.close()
+
+
+class Blocking(JobStore):
+    """apply() waits for ``release``, then fails (a disk error while the notifier stops)."""
+
+    def __init__(self, conn) -> None:
+        super().__init__(conn)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def apply(self, ops):
+        self.entered.set()
+        self.release.wait(10)
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_claim_queued_while_a_failing_batch_meets_close_still_returns(db):
+    """The batch fails after close() began: every waiting claim gets its answer, none hangs."""
+    a, b = make_jobs(db, 2)
+    store = Blocking(JobStore.open(db).conn)
+    committer = JobCommitter(store)
+    committer.start()
+    errors: dict[str, BaseException | None] = {}
+
+    def claim(name: str, job_id: int) -> None:
+        own = JobStore.open(db)
+        try:
+            committer.claim(own, job_id)
+            errors[name] = None
+        except BaseException as exc:
+            errors[name] = exc
+        finally:
+            own.close()
+
+    first = threading.Thread(target=claim, args=("a", a.id), daemon=True)
+    first.start()
+    assert store.entered.wait(10)  # the batch with a's claim is being written
+    second = threading.Thread(target=claim, args=("b", b.id), daemon=True)
+    second.start()
+    wait_until(lambda: committer.queued() == 1)  # b's claim waits for the next batch
+    closing = threading.Thread(target=committer.close, daemon=True)
+    closing.start()
+    wait_until(lambda: committer._closed)
+    store.release.set()
+    for t in (first, second, closing):
+        t.join(10)
+        assert not t.is_alive(), f"{t.name} hangs"
+    assert isinstance(errors["a"], sqlite3.OperationalError)
+    assert "b" in errors  # answered (an error: the worker puts the job back)
+    assert on_disk(db) == {a.id: (0, T0), b.id: (0, T0)}

@@ -255,3 +255,48 @@ def test_export_leaves_corrupt_files_and_missing_mailboxes_alone(tmp_path):
     assert (stats.corrupt, stats.no_mailbox, stats.files_written) == (1, 1, 0)
     assert (mailboxes / A / "metadata.json").read_bytes() == b"{not json"
     assert not (mailboxes / D).exists()
+
+
+def test_rollback_of_a_relay_that_had_no_queue_directory_starts_upstream(relay):
+    """Nothing was consumed (no pending_notifications at the switch): the rollback still
+    finishes (under pipefail an empty grep must not end it before upstream is started)."""
+    root, _, _ = relay
+    queue = root / MAILBOXES / "pending_notifications"
+    for f in queue.iterdir():
+        f.unlink()
+    queue.rmdir()
+    assert install(root, "--from-upstream").returncode == 0
+    res = install(root, "--rollback")
+    assert res.returncode == 0, res.stderr
+    assert "systemctl enable --now chatmail-metadata.service (not run" in res.stdout
+    assert "rolled back: upstream's chatmail-metadata serves" in res.stdout
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT
+    assert not (root / STATE).exists()
+
+
+def test_a_dovecot_without_our_snippet_stops_the_switch_before_upstream_is_touched(relay):
+    """What can fail before ours is installed is checked before upstream is stopped: an
+    unsupported Dovecot must not leave the relay with neither service running."""
+    root, _, _ = relay
+    h0 = tree_hash(root)
+    res = install(root, "--from-upstream", dovecot="2.5.0 (f00)")
+    assert res.returncode == 1
+    assert "no snippet for Dovecot 2.5" in res.stderr
+    assert "systemctl stop" not in res.stdout
+    assert tree_hash(root) == h0 and not (root / STATE).exists()
+
+
+def test_a_rollback_interrupted_after_restoring_some_files_can_be_run_again(relay):
+    """A rollback that stopped part way (files restored, state file still there) is
+    rerun to the end: what is back already is left as it is."""
+    root, _, _ = relay
+    assert install(root, "--from-upstream").returncode == 0
+    state = (root / STATE).read_text()
+    lua = "/etc/dovecot/push_notification.lua"
+    aside = re.search(rf"^moved\t{re.escape(lua)}\t(\S+)$", state, re.M).group(1)
+    (root / aside.lstrip("/")).replace(root / lua.lstrip("/"))  # restored by the first run
+    res = install(root, "--rollback")
+    assert res.returncode == 0, res.stderr
+    assert (root / lua.lstrip("/")).read_text() == "-- upstream's hook\n"
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT
+    assert not (root / STATE).exists()
