@@ -24,6 +24,7 @@ SECTIONS = {
     "openpgp": "bench.bench_openpgp",
     "webpush": "bench.bench_webpush",
     "heartbeat": "bench.bench_heartbeat",
+    "faults": "bench.bench_faults",
 }
 
 

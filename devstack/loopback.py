@@ -62,3 +62,23 @@ def unix_listening(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def hold_connections(family: int, address: object, count: int, seconds: float) -> None:
+    """Connect ``count`` clients to a local server, hold them ``seconds``, close them.
+
+    More clients than the server has descriptors for put it at its fd limit (the
+    rest wait in its backlog): the fd-limit tests and the "faults" benchmark.
+    """
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family)
+            held.append(sock)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(address)
+        time.sleep(seconds)
+    finally:
+        for sock in held:
+            sock.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from helpers_chatmaild import write_ini
 
-from devstack.loopback import free_port
+from devstack.loopback import free_port, hold_connections
 
 REPO = Path(__file__).resolve().parent.parent
 FD_LIMIT = 64
@@ -128,18 +128,7 @@ def test_the_proxy_backs_off_at_the_fd_limit_and_answers_afterwards(tmp_path):
 
 def _hold_then_release(family: int, address) -> None:
     """Connect more clients than the server has descriptors for, hold them, close them."""
-    held: list[socket.socket] = []
-    try:
-        for _ in range(HOLD):
-            sock = socket.socket(family)
-            held.append(sock)
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                sock.connect(address)
-        time.sleep(AT_LIMIT_SECONDS)
-    finally:
-        for sock in held:
-            sock.close()
+    hold_connections(family, address, HOLD, AT_LIMIT_SECONDS)
 
 
 def _assert_one_episode(text: str) -> None:

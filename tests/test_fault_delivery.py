@@ -12,6 +12,7 @@ import random
 import resource
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -230,3 +231,84 @@ def test_pushes_resume_once_descriptors_are_free_without_restart(
     sink.wait_for_body(b"tok-a", timeout=10)
     assert metadata.proc.pid == pid and metadata.running  # no restart
     wait_until(lambda: not jobs(metadata.db_path), 5, "the job finished")
+
+
+STARTUP_WORKERS = 12
+SPARE_FDS = 4  # beyond what the workers need: the accept guard fills them
+WAITING_CLIENTS = 100  # Dovecot reconnecting at once: more than the process can accept
+ACTIVATE = 'exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
+
+
+def steady_fds(pid: int, quiet: float = 1.0) -> int:
+    """The process's descriptor count once it has not changed for ``quiet`` seconds."""
+    count, since = open_fds(pid), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        if (now := open_fds(pid)) != count:
+            count, since = now, time.monotonic()
+    return count
+
+
+def test_pushes_resume_after_fd_exhaustion_at_start_up_without_restart(
+    metadata: MetadataServer, sink: PushSink
+) -> None:
+    """As after a restart with Dovecot reconnecting at once: the dict socket (passed in
+    by socket activation, fd 3) already has a hundred clients waiting, the first with a
+    ``messagenew`` sent, and the accept guard fills every descriptor left while the
+    twelve workers open their job stores.
+
+    Which gets there first is up to the scheduler (the workers usually do), so the
+    deterministic lever is the push itself: at the limit its first connect has no
+    descriptor either.  Either a worker cannot open or the push fails; once the
+    clients close, the push goes out from the same process.
+    """
+    metadata.metadata = {**FAST_RETRIES, "notify_workers": str(STARTUP_WORKERS)}
+    metadata.start()  # unlimited: how many descriptors it holds with every worker open
+    assert metadata.proc is not None
+    register(metadata, {"alice@example.org": ["tok-a"]})
+    limit = steady_fds(metadata.proc.pid) + SPARE_FDS
+    metadata.stop()
+    offset = metadata.log_size()
+
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(metadata.socket_path))
+    listener.listen(WAITING_CLIENTS * 2)
+    waiting: list[socket.socket] = []
+    try:
+        for _ in range(WAITING_CLIENTS):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.settimeout(30)
+            conn.connect(str(metadata.socket_path))  # completes in the backlog
+            waiting.append(conn)
+        delivery = waiting[0]  # the first in the backlog: the first accepted
+        delivery.sendall(dp.DOVECOT_2_3.hello_line("lmtp"))
+        delivery.sendall(b"".join(li + b"\n" for li in messagenew("alice@example.org")))
+        with metadata.log_path.open("ab") as log:
+            # sh hands the listening socket (its stdin) on as fd 3 and names its own pid,
+            # which exec keeps: LISTEN_PID must be the service's pid.
+            metadata.proc = subprocess.Popen(
+                ["sh", "-c", ACTIVATE, "sh", *metadata.command()],
+                stdin=listener.fileno(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=fixed_limit(limit),
+            )
+        pid = metadata.proc.pid
+        wait_until(lambda: open_fds(pid) >= limit, 30, "the process at its fd limit")
+        metadata.wait_for_log("accepting paused", offset, timeout=30)
+        assert delivery.recv(100) == b"O1\n"
+
+        def blocked() -> bool:
+            opening_failed = "notifier worker cannot open" in metadata.log_since(offset)
+            return opening_failed or any(a >= 2 for *_, a in jobs(metadata.db_path))
+
+        wait_until(blocked, 30, "a worker that cannot open or a push that failed twice")
+        assert not sink.requests
+    finally:
+        listener.close()
+        for conn in waiting:
+            conn.close()
+    sink.wait_for_body(b"tok-a", timeout=30)
+    assert metadata.proc.pid == pid and metadata.running  # no restart
+    wait_until(lambda: not jobs(metadata.db_path), 10, "the job finished")
+    assert "Traceback" not in metadata.log_since(offset)
