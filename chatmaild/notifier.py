@@ -214,6 +214,12 @@ class Notifier:
                 self.last_progress = self.clock()
                 try:
                     self._run(store, transport, ticket)
+                except sqlite3.Error as exc:  # a full disk, an I/O error: not a bug here
+                    retry = self.policy.delays[0]
+                    log.warning(
+                        "notifier job %d not written: %s; retry in %.0f s", ticket[0], exc, retry
+                    )
+                    self.queue.put(self.clock() + retry, ticket)
                 except Exception:  # a worker must survive anything one job does
                     log.exception("notifier job %d failed unexpectedly", ticket[0])
                     self.queue.put(self.clock() + self.policy.delays[0], ticket)

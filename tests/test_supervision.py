@@ -8,6 +8,7 @@ and a worker whose loop raises is replaced and counted.
 from __future__ import annotations
 
 import errno
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -139,3 +140,40 @@ def test_worker_killed_outside_the_job_try_is_replaced_and_counted(
     finally:
         notifier.stop()
     assert gauge(notifier.metrics.workers_live) == 0
+
+
+class FailingWrites(JobStore):
+    """A job store whose first ``failures`` write batches fail, as on a full disk."""
+
+    failures = 2
+
+    def apply(self, ops):
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().apply(ops)
+
+
+def test_a_claim_that_cannot_be_written_is_one_line_and_retried(
+    tmp_path: Path, sink: PushSink, caplog
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    connect(db).close()
+    opened = {"n": 0}
+
+    def open_jobs() -> JobStore:
+        opened["n"] += 1  # the first is start()'s resume read: it becomes the committer's
+        return FailingWrites(connect(db)) if opened["n"] == 1 else JobStore.open(db)
+
+    notifier = Notifier(
+        open_jobs, lambda: HttpPushTransport(sink.url, timeout=2.0), workers=1, policy=FAST
+    )
+    notifier.start()
+    try:
+        new_mail(notifier, db, "tok-a")
+        sink.wait_for(1)  # retried once the writes work again
+    finally:
+        notifier.stop()
+    assert sink.bodies() == [b"tok-a"]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback
+    assert any("database or disk is full" in r.getMessage() for r in caplog.records)
