@@ -35,7 +35,7 @@ def test_service_connection_leaves_checkpoints_to_the_checkpointer(tmp_path):
 def test_checkpointer_thread_runs_until_stopped(tmp_path):
     conn = connect(tmp_path / "db.sqlite3", autocheckpoint=False)
     _fill(MetadataStore(conn), 10)
-    checkpointer = Checkpointer(tmp_path / "db.sqlite3", interval=0.01)
+    checkpointer = Checkpointer(tmp_path / "db.sqlite3", interval=0.01, min_wal_bytes=0)
     checkpointer.start()
     deadline = time.monotonic() + 10
     while checkpointer.checkpoints < 2 and time.monotonic() < deadline:
@@ -46,3 +46,14 @@ def test_checkpointer_thread_runs_until_stopped(tmp_path):
     time.sleep(0.05)
     assert checkpointer.checkpoints == stopped_at
     assert conn.execute("SELECT count(*) FROM attributes").fetchone()[0] == 10
+
+
+def test_a_small_wal_is_left_to_grow_as_sqlite_would(tmp_path):
+    """Under SQLite's own threshold nothing is checkpointed (a full disk still refuses)."""
+    conn = connect(tmp_path / "db.sqlite3", autocheckpoint=False)
+    _fill(MetadataStore(conn), 10)
+    checkpointer = Checkpointer(tmp_path / "db.sqlite3", interval=0.01)
+    checkpointer.start()
+    time.sleep(0.1)
+    checkpointer.stop()
+    assert checkpointer.checkpoints == 0
