@@ -27,6 +27,7 @@ from chatmail_common.hostport import parse_host_port
 from chatmail_common.logsetup import configure_logging
 from chatmail_common.systemd import listen_fds, notify, watchdog_interval
 
+from .checkpointer import Checkpointer
 from .config import Config, ConfigError, check_notify_url, read_config
 from .database import DatabaseError, connect
 from .dictserver import ServerStats, bind_unix_socket, start_dict_server
@@ -142,7 +143,8 @@ def listening_socket(fds: list[int], args: argparse.Namespace) -> socket.socket:
 
 
 async def serve(config: Config, args: argparse.Namespace) -> int:
-    conn = connect(config.database_path, config.synchronous)
+    # No commit of the service checkpoints the WAL: the checkpointer thread does (its doc).
+    conn = connect(config.database_path, config.synchronous, autocheckpoint=False)
     fds = listen_fds()
     try:
         sock = listening_socket(fds, args)
@@ -151,7 +153,9 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         raise
     metrics = RelayMetrics()
     proxy = notifier = None
+    checkpointer = Checkpointer(config.database_path)
     try:
+        checkpointer.start()
         announce(conn, _service_row(config, args))  # with the socket: status can find both
         if args.metrics:  # before the notifier, so a taken port sends nothing
             try:
@@ -181,6 +185,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
             await asyncio.to_thread(notifier.stop)
         if proxy is not None:
             await asyncio.to_thread(proxy.stop)
+        checkpointer.stop()
         conn.close()
         if not fds:
             with contextlib.suppress(OSError):
@@ -279,7 +284,9 @@ def start_notifier(config: Config, metrics: RelayMetrics) -> tuple[object | None
 
         target = settings.url
     notifier = Notifier(
-        functools.partial(JobStore.open, config.database_path, config.synchronous),
+        functools.partial(
+            JobStore.open, config.database_path, config.synchronous, autocheckpoint=False
+        ),
         factory,
         workers=settings.workers,
         policy=settings.retry_policy(),

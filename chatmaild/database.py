@@ -137,8 +137,14 @@ class DatabaseError(Exception):
     """The database cannot be opened or has an unexpected format."""
 
 
-def connect(path: str | Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
-    """Open (and create if needed) the database with the pragmas every user needs."""
+def connect(
+    path: str | Path, synchronous: str = "NORMAL", autocheckpoint: bool = True
+) -> sqlite3.Connection:
+    """Open (and create if needed) the database with the pragmas every user needs.
+
+    ``autocheckpoint=False``: no commit on this connection checkpoints the WAL; the
+    service's connections open so, and :mod:`chatmaild.checkpointer` does it instead.
+    """
     path = Path(path)
     if str(path) != ":memory:" and not path.parent.is_dir():
         raise DatabaseError(f"database directory does not exist: {path.parent}")
@@ -149,6 +155,8 @@ def connect(path: str | Path, synchronous: str = "NORMAL") -> sqlite3.Connection
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
         conn.execute("PRAGMA foreign_keys=ON")
+        if not autocheckpoint:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(_SCHEMA)
         _migrate(conn, path)
     except sqlite3.DatabaseError as exc:

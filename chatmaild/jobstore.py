@@ -49,9 +49,13 @@ class JobStore:
         self._tokens = MetadataStore(conn)
 
     @classmethod
-    def open(cls, path: Path | str, synchronous: str = "NORMAL") -> JobStore:
-        """A store on its own connection (one per worker thread); :meth:`close` it."""
-        return cls(connect(path, synchronous))
+    def open(
+        cls, path: Path | str, synchronous: str = "NORMAL", autocheckpoint: bool = True
+    ) -> JobStore:
+        """A store on its own connection (one per worker thread); :meth:`close` it.
+
+        ``autocheckpoint``: see :func:`chatmaild.database.connect`."""
+        return cls(connect(path, synchronous, autocheckpoint))
 
     def close(self) -> None:
         self.conn.close()

@@ -303,8 +303,7 @@ class MetadataDict:
                 f"messagenew is only accepted from the delivery dict {self.delivery_dict!r}"
             )
         # Pruning here (in the commit, under the write lock) keeps lookups read-only.
-        self.store.prune_tokens(ev.user, int(now))
-        tokens = self.store.valid_tokens(ev.user, int(now))
+        tokens = self.store.tokens_to_push(ev.user, int(now))
         log.debug("new mail for %s: %d token(s)", ev.user, len(tokens))
         if tokens and self.hook is not None:
             self.hook.message_new(conn, ev.user, tokens, now)

@@ -71,6 +71,7 @@ class Notifier:
         # Items are (job id, user, token): a worker knows the job's key without a read.
         self.queue: DueQueue[Ticket] = DueQueue(clock)
         self._staged: list[Job] = []
+        self._enqueuer: JobStore | None = None  # writes jobs in the dict commit's transaction
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
@@ -91,7 +92,10 @@ class Notifier:
     def message_new(
         self, conn: sqlite3.Connection, user: str, tokens: list[str], now: float
     ) -> None:
-        jobs = JobStore(conn).enqueue(user, tokens, now, self.policy)
+        enqueuer = self._enqueuer
+        if enqueuer is None or enqueuer.conn is not conn:  # one per dict connection, kept
+            enqueuer = self._enqueuer = JobStore(conn)
+        jobs = enqueuer.enqueue(user, tokens, now, self.policy)
         coalesced = len(tokens) - len(jobs)
         if coalesced:
             self.metrics.coalesced.inc(coalesced)

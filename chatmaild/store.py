@@ -122,14 +122,23 @@ class MetadataStore:
         return [g for (g,) in rows]
 
     def add_token(self, user: str, token: str, now: int, guid: str = "") -> None:
-        """Add or refresh ``token``; keep ``max_per_user``, evicting the least recently set."""
-        self.conn.execute(
+        """Add or refresh ``token``; keep ``max_per_user``, evicting the least recently set.
+
+        A refresh of a token already stored (what every Delta Chat connect sends) is one
+        statement: the user's row count did not grow, so there is nothing to evict, and
+        the user's expired tokens are left to the next commit that adds a token or
+        reports new mail (reads skip them meanwhile).  The row existed when its
+        ``created`` (never updated) is not ``now``.
+        """
+        rows = self.conn.execute(  # fetchall: the statement is done before COMMIT
             "INSERT INTO tokens(user, token, guid, created, set_at, touched) VALUES (?,?,?,?,?,"
             " (SELECT coalesce(max(touched), 0) + 1 FROM tokens WHERE user=?)) "
             "ON CONFLICT(user, token) DO UPDATE SET set_at=excluded.set_at, guid=excluded.guid,"
-            " touched=excluded.touched",
+            " touched=excluded.touched RETURNING created",
             (user, token, guid, now, now, user),
-        )
+        ).fetchall()
+        if rows and rows[0][0] != now:
+            return
         self.prune_tokens(user, now)
         # The eviction statement sorts the user's tokens (~90 us, most of a refresh);
         # counting first (~3 us) skips it in the usual case of a user under the limit.
@@ -165,6 +174,21 @@ class MetadataStore:
         return self.conn.execute(
             "DELETE FROM tokens WHERE user=? AND (guid=? OR guid='')", (user, guid)
         ).rowcount
+
+    def tokens_to_push(self, user: str, now: int) -> list[str]:
+        """Inside a commit: the valid tokens in first-set order, the invalid ones deleted.
+
+        What :meth:`prune_tokens` then :meth:`valid_tokens` give, in one statement when
+        every token is valid (the usual case: one read instead of a delete and a read).
+        """
+        rows = self.conn.execute(
+            "SELECT token, set_at FROM tokens WHERE user=? ORDER BY created, rowid", (user,)
+        ).fetchall()
+        low, high = self.policy.window(now)
+        valid = [token for token, set_at in rows if low < set_at < high]
+        if len(valid) != len(rows):
+            self.prune_tokens(user, now)
+        return valid
 
     def prune_tokens(self, user: str, now: int) -> int:
         """Delete the user's invalid tokens (inside a transaction); how many went."""

@@ -331,3 +331,30 @@ def test_job_store_writes_wait_for_the_process_write_lock(tmp_path):
     worker.join(5)
     assert claimed[0].attempts == 1
     jobs.close()
+
+
+def test_tokens_to_push_is_prune_then_valid_tokens(store):
+    with store.transaction():
+        store.add_token("a", "old", T0)
+        store.add_token("a", "t1", T0 + 90 * DAY - 10)
+        store.add_token("a", "t2", T0 + 90 * DAY - 5)
+        store.add_token("b", "other", T0)
+    now = T0 + 90 * DAY
+    with store.transaction():
+        assert store.tokens_to_push("a", now) == ["t1", "t2"]  # first-set order
+    with store.transaction():
+        assert store.tokens_to_push("a", now) == ["t1", "t2"]  # nothing left to prune
+    rows = store.conn.execute("SELECT token FROM tokens WHERE user='a' ORDER BY token").fetchall()
+    assert rows == [("t1",), ("t2",)]  # the expired one is gone for good
+    assert store.valid_tokens("b", T0) == ["other"]  # another user's tokens untouched
+
+
+def test_refreshing_a_stored_token_still_evicts_when_a_new_one_comes(store):
+    with store.transaction():
+        for i in range(32):
+            store.add_token("a", f"t{i}", T0 + i)
+    with store.transaction():
+        store.add_token("a", "t5", T0 + 200)  # a refresh: one statement, nothing to evict
+        store.add_token("a", "new", T0 + 201)
+    tokens = store.valid_tokens("a", T0 + 201)
+    assert len(tokens) == 32 and "t0" not in tokens and "t5" in tokens and "new" in tokens
