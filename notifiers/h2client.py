@@ -167,7 +167,8 @@ class _Connection(asyncio.Protocol):
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
     ) -> H2Response:
         """Send one request on a free stream and wait for the whole response."""
-        await self._acquire_stream()
+        if not (self.accepting and self._free_streams() > 0):
+            await self._acquire_stream()
         try:
             stream_id = self._h2.get_next_available_stream_id()
         except h2.exceptions.NoAvailableStreamIDError as exc:
@@ -520,7 +521,9 @@ class H2Client:
     async def _attempt(
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
     ) -> H2Response:
-        connection = await self._connection()
+        connection = self._current
+        if connection is None or not connection.accepting or self._closed:
+            connection = await self._connection()
         return await connection.request(method, path, headers, body)
 
     async def _connection(self) -> _Connection:
