@@ -42,9 +42,12 @@ def fake_apns_server(ready, stop, workdir: str) -> None:
     from devstack.fakes.keys import write_client_p12
 
     class CountingApns(FakeApns):
-        """Answers like FakeApns but only counts requests (memory stays flat)."""
+        """Answers like FakeApns but only counts requests (memory stays flat), without
+        re-validating the proxy's request headers (the tests do that): APNs does that
+        work on Apple's machines, not on the one measured here."""
 
         count = 0
+        validate_requests = False
 
         def _answer(self, request):  # type: ignore[override]
             with self._lock:

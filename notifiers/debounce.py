@@ -93,6 +93,12 @@ class Debouncer:
         """Tokens that owe a trailing send (scheduled or already due)."""
         return len(self._pending) + len(self._ready)
 
+    @property
+    def owes_now(self) -> bool:
+        """Whether :meth:`due` would hand out a send at once (an evicted entry owed one):
+        the caller's cue that its trailing-send timer must run now."""
+        return bool(self._ready)
+
     def hit(self, token: str, now: float) -> bool:
         """Record a notification for ``token`` at ``now``; True means "send it now"."""
         self._rotate(now)

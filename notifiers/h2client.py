@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for TCP, TLS and the server's first SETTINGS frame.
 CONNECT_TIMEOUT = 10.0
+#: Headers kept out of the HPACK compression context (h2's own rule, RFC 7541 section 7.1.3).
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 #: After a request timed out, how long a PING may go unanswered before the
 #: connection counts as dead.
 PING_TIMEOUT = 5.0
@@ -126,10 +128,15 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._authority = authority
         self._cap = max_streams_cap
-        # Outbound validation re-checked every header of every request (a fifth of the
-        # proxy's CPU per push); the callers send fixed names and grammar-checked values.
+        # Outbound validation and normalisation re-checked and rewrote every header of
+        # every request (a fifth of the proxy's CPU per push); the callers send fixed
+        # lower-case names and grammar-checked values, and the one rule of h2's
+        # normalisation that matters (credentials are never indexed) is kept in request().
         config = h2.config.H2Configuration(
-            client_side=True, header_encoding="utf-8", validate_outbound_headers=False
+            client_side=True,
+            header_encoding="utf-8",
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self._h2 = _DrainingH2Connection(config=config)
         self._h2.encoder = MemoEncoder()  # before any header is encoded
@@ -160,7 +167,8 @@ class _Connection(asyncio.Protocol):
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
     ) -> H2Response:
         """Send one request on a free stream and wait for the whole response."""
-        await self._acquire_stream()
+        if not (self.accepting and self._free_streams() > 0):
+            await self._acquire_stream()
         try:
             stream_id = self._h2.get_next_available_stream_id()
         except h2.exceptions.NoAvailableStreamIDError as exc:
@@ -179,7 +187,10 @@ class _Connection(asyncio.Protocol):
             # and unique paths filled HPACK's dynamic table, whose linear search per
             # header then cost more than the rest of the request.
             NeverIndexedHeaderTuple(":path", path),
-            *headers,
+            *[
+                NeverIndexedHeaderTuple(name, value) if name in SECRET_HEADERS else (name, value)
+                for name, value in headers
+            ],
             ("content-length", str(len(body))),
         ]
         try:
@@ -491,6 +502,9 @@ class H2Client:
     ) -> H2Response:
         """One request with a total deadline of ``timeout`` seconds (TimeoutError).
 
+        ``headers`` are sent as given (names lower-case, values without surrounding
+        whitespace: h2's normalisation is off); ``authorization`` is never indexed.
+
         Repeated once on a new connection if its stream was refused (never
         processed) or its connection died: a repeat can deliver a push twice,
         which the APNs collapse id and the proxy's debouncing make harmless,
@@ -507,7 +521,9 @@ class H2Client:
     async def _attempt(
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
     ) -> H2Response:
-        connection = await self._connection()
+        connection = self._current
+        if connection is None or not connection.accepting or self._closed:
+            connection = await self._connection()
         return await connection.request(method, path, headers, body)
 
     async def _connection(self) -> _Connection:

@@ -6,23 +6,34 @@ is a one- or two-byte index into the dynamic table, yet ``hpack`` searched the
 tables and re-encoded them per request, a third of the proxy's CPU per push.  A
 header's representation depends only on the table's content, so it is looked up
 here until the table changes (an insertion, an eviction or a resize), when
-everything remembered is forgotten.  Never-indexed headers (the device's ``:path``,
-``authorization``) are unique or secret and never remembered.
+everything remembered is forgotten.
+
+Never-indexed headers (the device's ``:path``, ``authorization``) are unique or
+secret: only their name's index is remembered, never the value.  The bytes are
+exactly hpack's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import hpack
+from hpack.hpack import INDEX_NEVER, encode_integer
 
 #: Bound on remembered representations (only indexable headers are remembered, and
 #: the table changes whenever a new one is inserted: this is a guard, not a tuning).
 MAX_REMEMBERED = 256
+
+#: A never-indexed literal whose name is not in a table: the name follows as a literal.
+_LITERAL_NAME = b""
 
 
 class MemoEncoder(hpack.Encoder):
     def __init__(self) -> None:
         super().__init__()
         self._memo: dict[tuple[bytes, bytes, bool], bytes] = {}
+        # name -> the never-indexed representation's prefix (name index), while unchanged
+        self._never_prefix: dict[bytes, bytes] = {}
         self._version = 0
         table_add = self.header_table.add
 
@@ -35,15 +46,36 @@ class MemoEncoder(hpack.Encoder):
     def _changed(self) -> None:
         self._version += 1
         self._memo.clear()
+        self._never_prefix.clear()
 
     @hpack.Encoder.header_table_size.setter  # type: ignore[attr-defined]
     def header_table_size(self, value: int) -> None:
         self._changed()
         hpack.Encoder.header_table_size.fset(self, value)  # type: ignore[attr-defined]
 
+    def encode(self, headers: Iterable, huffman: bool = True) -> bytes:  # type: ignore[override]
+        """hpack's ``encode`` without its per-header conversions when given (bytes, bytes)
+        pairs (what h2 passes); anything else goes the general way."""
+        if isinstance(headers, dict):
+            return super().encode(headers, huffman)
+        block = []
+        if self.header_table.resized:
+            block.append(self._encode_table_size_change())
+            self.header_table.resized = False
+        for header in headers:
+            name, value = header[0], header[1]
+            if not (type(name) is bytes and type(value) is bytes):
+                name, value = hpack.hpack._to_bytes(name), hpack.hpack._to_bytes(value)
+            if isinstance(header, hpack.HeaderTuple):
+                sensitive = not header.indexable
+            else:
+                sensitive = len(header) > 2 and bool(header[2])
+            block.append(self.add((name, value), sensitive, huffman))
+        return b"".join(block)
+
     def add(self, to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
         if sensitive:
-            return super().add(to_add, sensitive, huffman)
+            return self._never_indexed(*to_add, huffman)
         key = (to_add[0], to_add[1], huffman)
         encoded = self._memo.get(key)
         if encoded is None:
@@ -52,3 +84,25 @@ class MemoEncoder(hpack.Encoder):
             if version == self._version and len(self._memo) < MAX_REMEMBERED:
                 self._memo[key] = encoded
         return encoded
+
+    def _never_indexed(self, name: bytes, value: bytes, huffman: bool) -> bytes:
+        """A literal never indexed (RFC 7541 section 6.2.3), as hpack encodes it."""
+        prefix = self._never_prefix.get(name)
+        if prefix is None:
+            match = self.header_table.search(name, b"")
+            if match is None:
+                prefix = _LITERAL_NAME
+            else:
+                field = encode_integer(match[0], 4)
+                field[0] |= INDEX_NEVER[0]
+                prefix = bytes(field)
+            if len(self._never_prefix) < MAX_REMEMBERED:
+                self._never_prefix[name] = prefix
+        if prefix is _LITERAL_NAME:
+            return self._encode_literal(name, value, INDEX_NEVER, huffman)
+        if huffman:
+            value = self.huffman_coder.encode(value)
+        value_length = encode_integer(len(value), 7)
+        if huffman:
+            value_length[0] |= 0x80
+        return b"".join((prefix, bytes(value_length), value))

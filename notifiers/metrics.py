@@ -100,8 +100,17 @@ class ProxyMetrics:
             "listener_accept_pauses",
             "Episodes of accepting connections paused because descriptors ran out",
         )
+        self._latency: dict[str, Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_WithoutCreated(inner))
+
+    def latency(self, provider: str) -> Histogram:
+        """The latency histogram of ``provider``; ``labels()`` looked it up under a lock and
+        built a tuple on every push, so each child is kept here after its first use."""
+        child = self._latency.get(provider)
+        if child is None:
+            child = self._latency[provider] = self.notification_latency.labels(provider)
+        return child
 
     def sent(self, provider: str) -> None:
         """Count an accepted push for the push service labelled ``provider``."""

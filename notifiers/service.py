@@ -239,12 +239,15 @@ class NotifyService:
         """Send now (``await send(key)``) unless ``key``'s debounce window covers this hit."""
         hit_at = self._clock()
         send_now = self.debouncer.hit(key, hit_at)
-        # A trailing send may have been scheduled, or an owed one evicted by the cap.
-        self._wake()
+        if not send_now or self.debouncer.owes_now:
+            # A trailing send may have been scheduled, or an owed one evicted by the cap.
+            # (Only then: waking the trailing loop on every hit cost a task step per request.)
+            self._wake()
         self.metrics.debounced_set_size.set(len(self.debouncer))
         if not send_now:
             self.metrics.debounced_notifications.inc()
-            log.debug("debounced token %s", token_digest(key))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("debounced token %s", token_digest(key))
             return _sent("debounced")
         result = await send(key)
         if result.outcome is Outcome.RETRY:
@@ -263,9 +266,7 @@ class NotifyService:
         assert self.upstream is not None
         started = time.perf_counter()
         answer = await self.upstream.forward(token)
-        self.metrics.notification_latency.labels(FORWARD_LABEL).observe(
-            time.perf_counter() - started
-        )
+        self.metrics.latency(FORWARD_LABEL).observe(time.perf_counter() - started)
         self.metrics.forwarded(answer.status)
         level = logging.DEBUG if answer.outcome is Outcome.SENT else logging.WARNING
         log.log(
@@ -298,10 +299,11 @@ class NotifyService:
             log.exception("%s provider raised for token %s", label, token.digest)
             delivery = Delivery(Outcome.RETRY, "send", type(exc).__name__)
         finally:
-            self.metrics.notification_latency.labels(label).observe(time.perf_counter() - started)
+            self.metrics.latency(label).observe(time.perf_counter() - started)
         if delivery.outcome is Outcome.SENT:
             self.metrics.sent(label)
-            log.debug("sent %s push to token %s", token.kind.value, token.digest)
+            if log.isEnabledFor(logging.DEBUG):  # the digest is a hash: not for a dropped line
+                log.debug("sent %s push to token %s", token.kind.value, token.digest)
             return _sent("sent")
         reason = delivery.reason or "send"
         self.metrics.failed(label, reason, delivery.details)

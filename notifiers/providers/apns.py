@@ -175,6 +175,8 @@ class ApnsProvider(Provider):
         self.base_url = (base_url or (SANDBOX_URL if sandbox else PRODUCTION_URL)).rstrip("/")
         self.timeout = timeout
         self._signer = signer
+        self._alert_headers = self._fixed_headers(background=False)
+        self._background_headers = self._fixed_headers(background=True)
         # APNs speaks only HTTP/2: concurrent sends share one connection, a
         # connection draining after GOAWAY is replaced for new sends.
         parts = urlsplit(self.base_url)
@@ -239,7 +241,8 @@ class ApnsProvider(Provider):
             signer=signer,
         )
 
-    def _headers(self, background: bool) -> list[tuple[str, str]]:
+    def _fixed_headers(self, background: bool) -> list[tuple[str, str]]:
+        """The headers every request of one kind carries (built once: they never change)."""
         if background:  # Apple: background pushes must be priority 5, no collapse id needed
             headers = [
                 ("apns-push-type", "background"),
@@ -254,9 +257,14 @@ class ApnsProvider(Provider):
                 ("content-type", "application/json"),
             ]
         if self.topic:
-            headers.append(("apns-topic", self.topic))
+            # stripped as h2's (now disabled) outbound normalisation did
+            headers.append(("apns-topic", self.topic.strip()))
+        return headers
+
+    def _headers(self, background: bool) -> list[tuple[str, str]]:
+        headers = self._background_headers if background else self._alert_headers
         if self._signer is not None:
-            headers.append(("authorization", f"bearer {self._signer.token()}"))
+            return [*headers, ("authorization", f"bearer {self._signer.token()}")]
         return headers
 
     async def send(self, token: PushToken) -> Delivery:
