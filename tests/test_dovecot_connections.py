@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 
 import httpx
 import pytest
@@ -21,6 +22,13 @@ from devstack.process import running
 from devstack.pushsink import PushSink
 
 pytestmark = pytest.mark.dovecot  # every test here starts a real Dovecot (`stack`)
+
+
+def wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def dict_counter(metrics_url: str, name: str) -> float:
@@ -73,10 +81,12 @@ def test_dict_connections(stack):
         else:
             # 2.4.1 closes an idle connection on its next ioloop pass, so a command
             # that follows within about a millisecond sometimes rides on it (seen on
-            # the wire: a SET and the GET right after it on one connection; on a
-            # Debian 13 host 10 connections for the 22 commands). How often is timing:
-            # the claim is only that connections are not kept, unlike "shipped" (<= 2).
-            assert connections >= 6
+            # the wire: a SET and the GET right after it on one connection; 1 to 10
+            # connections for the 22 commands, by the machine's speed). What holds
+            # whatever the timing: the connection is not kept while the IMAP session
+            # stays open, unlike "shipped" (checked above: still open).
+            assert connections >= 1
+            wait_until(lambda: dict_counter(metrics_url, "open_connections") == 0, 10.0)
         assert dict_counter(metrics_url, "commits") >= 11
     finally:
         imap.logout()
