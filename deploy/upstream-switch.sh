@@ -66,8 +66,40 @@ run_import() {  # $@: extra importer options
   "$py" -m chatmaild.importer "$ini" --root "${root:-/}" --pending "$@"
 }
 
+# Ours in place: our unit installed (and, with systemctl, its socket active).
+ours_installed() {
+  grep -qs '/usr/local/lib/chatmail-metadata/venv/' "$root$service" || return 1
+  ((!systemctl)) || systemctl is-active --quiet chatmail-metadata.socket
+}
+
+# A rerun after a switch that failed part way: once upstream's files are all aside
+# (the state says so) ours can be installed over them; before, finishing could overwrite
+# one that was never moved aside, so only --rollback may go on.
+plan_resume() {
+  grep -q '^aside_done=' "$root$state" ||
+    die "the switch-over of $(state_get switched_utc) stopped while moving upstream's files aside" \
+      "(state file $state): run deploy/install-relay --rollback${root:+ --root $root}"
+  socket=$(state_get socket)
+  ini_host=$(state_get ini)
+  ini=$root$ini_host
+  mailboxes=$(state_get mailboxes)
+  resume=1
+  say "the switch-over of $(state_get switched_utc) was not finished (ours not installed):" \
+    "finishing it (state file $state)"
+  if ((dry_run)); then
+    say "would install ours on socket $socket and start it"
+    say "dry run: nothing changed"
+    exit 0
+  fi
+}
+
 plan_switch() {
+  resume=0
   if [ -f "$root$state" ]; then
+    if ! ours_installed; then
+      plan_resume
+      return 0
+    fi
     say "already switched over from upstream at $(state_get switched_utc) (state file $state):" \
       "nothing to do"
     exit 0
@@ -125,11 +157,12 @@ switch_data() {
   if [ -d "$root$mailboxes/pending_notifications" ]; then
     move_aside consumed "$mailboxes/pending_notifications"
   fi
+  echo "aside_done=$(date +%s)" >>"$root$state"  # a rerun may finish the install from here
 }
 
 switch_summary() {
   say "switched over from upstream on socket $socket; state file $state"
-  sed 's/^/== /' <<<"$import_summary"
+  ((resume)) || sed 's/^/== /' <<<"$import_summary"
   say "roll back with: deploy/install-relay --rollback${root:+ --root $root}"
 }
 

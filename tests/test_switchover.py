@@ -300,3 +300,48 @@ def test_a_rollback_interrupted_after_restoring_some_files_can_be_run_again(rela
     assert (root / lua.lstrip("/")).read_text() == "-- upstream's hook\n"
     assert (root / UNIT).read_text() == UPSTREAM_UNIT
     assert not (root / STATE).exists()
+
+
+def test_a_switch_that_failed_after_moving_upstream_aside_is_finished_by_a_rerun(relay):
+    """Upstream stopped and moved aside, ours not installed yet (here: the Dovecot conf.d
+    is a file, so the snippet cannot be written): a rerun finishes the install, not
+    "nothing to do"; the tokens were imported once, and a rollback still restores all."""
+    root, _, _ = relay
+    before = snapshot(root)
+    blocker = root / "etc/dovecot/conf.d"
+    blocker.write_text("in the way\n")
+    failed = install(root, "--from-upstream", lmtp_dict=f"proxy:{SOCKET}:metadata")
+    assert failed.returncode != 0
+    assert (root / STATE).exists() and not (root / UNIT).exists()
+    blocker.unlink()
+    res = install(root, "--from-upstream", lmtp_dict=f"proxy:{SOCKET}:metadata")
+    assert res.returncode == 0, res.stderr
+    assert "nothing to do" not in res.stdout
+    assert "was not finished" in res.stdout and "importing" not in res.stdout
+    assert "systemctl restart chatmail-metadata.socket chatmail-metadata.service (not run" in (
+        res.stdout
+    )
+    unit = (root / UNIT).read_text()
+    assert "/usr/local/lib/chatmail-metadata/venv/" in unit
+    assert SOCKET in (root / "etc/systemd/system/chatmail-metadata.socket").read_text()
+    assert db(root).execute("SELECT count(*) FROM tokens").fetchone() == (4,)
+    again = install(root, "--from-upstream")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert install(root, "--rollback").returncode == 0
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT
+    lua = "etc/dovecot/push_notification.lua"
+    assert (root / lua).read_bytes() == before[lua]
+
+
+def test_a_switch_that_stopped_while_moving_upstream_aside_says_to_roll_back(relay):
+    """The moves aside did not all happen: finishing could overwrite an upstream file that
+    was never moved aside, so the rerun stops with one line naming --rollback."""
+    root, _, _ = relay
+    assert install(root, "--from-upstream").returncode == 0
+    state = root / STATE
+    state.write_text("".join(line for line in state.read_text().splitlines(True)[:6]))
+    (root / UNIT).unlink()  # as if stopped after moving upstream's unit, before the rest
+    res = install(root, "--from-upstream")
+    assert res.returncode == 1
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--rollback" in res.stderr and "/" + STATE in res.stderr
