@@ -194,12 +194,18 @@ rollback() {
   # Ours goes; where it replaced one of upstream's, that one is moved back over it.  A
   # rollback that stopped part way can be run again: a path whose aside is gone was
   # restored already and is left alone (removing "ours" there would delete upstream's).
+  # A switch that stopped while moving upstream's files aside installed nothing of ours
+  # (no aside_done, and our unit is not there: states older than aside_done have it):
+  # what was not moved is upstream's, and stays.
   local p
-  for p in "$service" "$units/chatmail-metadata.socket" "$lua" \
-    /etc/dovecot/conf.d/90-chatmail-metadata.conf "$service.d"; do
-    awk -F'\t' -v p="$p" '$1 == "moved" && $2 == p { found = 1 } END { exit !found }' \
-      "$root$state" || rm -rf "$root$p"
-  done
+  if grep -q '^aside_done=' "$root$state" ||
+    grep -qs '/usr/local/lib/chatmail-metadata/venv/' "$root$service"; then
+    for p in "$service" "$units/chatmail-metadata.socket" "$lua" \
+      /etc/dovecot/conf.d/90-chatmail-metadata.conf "$service.d"; do
+      awk -F'\t' -v p="$p" '$1 == "moved" && $2 == p { found = 1 } END { exit !found }' \
+        "$root$state" || rm -rf "$root$p"
+    done
+  fi
   while IFS=$'\t' read -r _ orig aside; do
     if [ -e "$root$aside" ]; then
       rm -rf "$root$orig"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -337,11 +338,25 @@ def test_a_switch_that_stopped_while_moving_upstream_aside_says_to_roll_back(rel
     """The moves aside did not all happen: finishing could overwrite an upstream file that
     was never moved aside, so the rerun stops with one line naming --rollback."""
     root, _, _ = relay
+    hook = root / "etc/dovecot/push_notification.lua"
     assert install(root, "--from-upstream").returncode == 0
+    # Back to where a switch stopped after moving upstream's unit aside, before its Lua
+    # hook: the hook is upstream's, none of ours is installed, the state names the unit.
     state = root / STATE
-    state.write_text("".join(line for line in state.read_text().splitlines(True)[:6]))
-    (root / UNIT).unlink()  # as if stopped after moving upstream's unit, before the rest
+    lines = state.read_text().splitlines(True)
+    state.write_text("".join(lines[:6]))
+    assert lines[5].startswith("moved\t/" + UNIT + "\t")
+    lua_aside = next(line.split("\t")[2].strip() for line in lines if "push_notification" in line)
+    (root / lua_aside.lstrip("/")).replace(hook)
+    for ours in ("etc/systemd/system/chatmail-metadata.socket", "etc/dovecot/conf.d"):
+        shutil.rmtree(root / ours) if (root / ours).is_dir() else (root / ours).unlink()
+    (root / UNIT).unlink()
     res = install(root, "--from-upstream")
     assert res.returncode == 1
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "--rollback" in res.stderr and "/" + STATE in res.stderr
+    # ... and that rollback keeps the hook that was never moved aside (it is upstream's)
+    res = install(root, "--rollback")
+    assert res.returncode == 0, res.stderr
+    assert hook.read_text() == "-- upstream's hook\n"
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT
