@@ -130,7 +130,7 @@ class DictProtocol(asyncio.Protocol):
                 reply = handler(ev)
             except Exception as exc:  # one reply is owed whatever happened
                 log.exception("error handling %s", kind.__name__)
-                reply = dp.Failure(f"internal error: {exc}")
+                reply = _internal_error(exc)
             if reply is GROUPED:  # answered when its group is durable: wait for it, in order
                 self._write(out)
                 out = []
@@ -177,19 +177,24 @@ class DictProtocol(asyncio.Protocol):
             return self.conn.send(ev, reply)
         except dp.LocalProtocolError as exc:
             log.error("backend reply refused: %s", exc)
-            return self.conn.send(ev, dp.Failure(f"internal error: {exc}"))
+            return self.conn.send(ev, _internal_error(exc))
 
     async def _finish(self, ev: dp.ReplyOwing, pending: Awaitable[object]) -> None:
         try:
             reply = await pending
         except Exception as exc:  # never leave Dovecot without its one reply
             log.exception("lookup failed")
-            reply = dp.Failure(f"internal error: {exc}")
+            reply = _internal_error(exc)
         self._resume(ev, reply)
 
     def _write(self, chunks: list[bytes]) -> None:
         if chunks and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(chunks))
+
+
+def _internal_error(exc: BaseException) -> dp.Failure:
+    """The failure owed for ``exc``, its text clipped: it may quote a client's 1 MiB value."""
+    return dp.Failure(f"internal error: {clip(exc)}")
 
 
 #: What the commit handler returns when the reply comes later, from the group commit.

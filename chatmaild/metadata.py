@@ -91,6 +91,8 @@ class MetadataDict:
         self.hook = hook
         self.delivery_dict = delivery_dict
         self.clock = clock
+        # Log lines (format, args) of the transaction being applied, logged once it commits.
+        self._after_commit: list[tuple[str, tuple[object, ...]]] = []
 
     # -- lookups ----------------------------------------------------------
     def lookup(self, ev: dp.Lookup) -> dp.LookupReply | Awaitable[dp.LookupReply]:
@@ -157,15 +159,24 @@ class MetadataDict:
             with self.store.transaction() as conn:
                 notfound, new_mail = self._apply(conn, ev)
         except BaseException:
-            self._hook_rolled_back()
+            self._rolled_back()
             raise
+        self._log_committed()
         if new_mail and self.hook is not None:
             self.hook.committed()
         if notfound:
             return dp.COMMIT_NOTFOUND
         return dp.COMMITTED
 
-    def _hook_rolled_back(self) -> None:
+    def _log_committed(self) -> None:
+        """Log what the transaction just committed did; a rolled-back round did nothing."""
+        notes, self._after_commit = self._after_commit, []
+        for msg, args in notes:
+            log.info(msg, *args)
+
+    def _rolled_back(self) -> None:
+        """Forget what the undone transaction staged: its log lines and the hook's jobs."""
+        self._after_commit.clear()
         rolled_back = getattr(self.hook, "rolled_back", None)
         if rolled_back is not None:
             rolled_back()
@@ -218,7 +229,7 @@ class MetadataDict:
                             failed = (i, exc)
                             raise
             except Exception as exc:
-                self._hook_rolled_back()
+                self._rolled_back()
                 if failed is None:  # BEGIN or COMMIT failed: nobody's fault, one at a time
                     log.warning("group commit of %d failed (%s): one at a time", len(todo), exc)
                     for i in todo:
@@ -231,6 +242,7 @@ class MetadataDict:
                 replies[i] = self._failure(evs[i], why)
                 todo.remove(i)
                 continue
+            self._log_committed()
             if any(new_mail for _nf, new_mail in outcomes) and self.hook is not None:
                 self.hook.committed()
             for i, (notfound, _nm) in zip(todo, outcomes, strict=True):
@@ -288,7 +300,7 @@ class MetadataDict:
             # Only the tokens set on that mailbox: deleting another mailbox (Dovecot
             # unsets every listed entry) must not drop the INBOX tokens.
             removed = self.store.remove_tokens(user, guid.decode("ascii", "replace"))
-            log.info("removed %d device tokens of %s", removed, user)
+            self._after_commit.append(("removed %d device tokens of %s", (removed, user)))
             return
         if not isinstance(op, dp.SetOp):
             raise CommitRefused("devicetoken does not support increments")

@@ -71,6 +71,7 @@ class Notifier:
         # Items are (job id, user, token): a worker knows the job's key without a read.
         self.queue: DueQueue[Ticket] = DueQueue(clock)
         self._staged: list[Job] = []
+        self._staged_coalesced = 0  # counted when the transaction commits, not when staged
         self._enqueuer: JobStore | None = None  # writes jobs in the dict commit's transaction
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -96,16 +97,18 @@ class Notifier:
         if enqueuer is None or enqueuer.conn is not conn:  # one per dict connection, kept
             enqueuer = self._enqueuer = JobStore(conn)
         jobs = enqueuer.enqueue(user, tokens, now, self.policy)
-        coalesced = len(tokens) - len(jobs)
-        if coalesced:
-            self.metrics.coalesced.inc(coalesced)
+        self._staged_coalesced += len(tokens) - len(jobs)
         self._staged.extend(jobs)
 
     def rolled_back(self) -> None:
         self._staged.clear()
+        self._staged_coalesced = 0  # a group retried without one transaction counts again
 
     def committed(self) -> None:
         staged, self._staged = self._staged, []
+        coalesced, self._staged_coalesced = self._staged_coalesced, 0
+        if coalesced:
+            self.metrics.coalesced.inc(coalesced)
         if staged:
             self.metrics.queued.inc(len(staged))
             self.queue.put_many([(job.due, _ticket(job)) for job in staged])

@@ -142,17 +142,24 @@ class MetadataStore:
         self.prune_tokens(user, now)
         # The eviction statement sorts the user's tokens (~90 us, most of a refresh);
         # counting first (~3 us) skips it in the usual case of a user under the limit.
+        self._evict_over_limit(user)
+
+    def _evict_over_limit(self, user: str) -> bool:
+        """Keep the user's ``max_per_user`` most recently set tokens; True if any went."""
         (count,) = self.conn.execute("SELECT count(*) FROM tokens WHERE user=?", (user,)).fetchone()
         if count <= self.policy.max_per_user:
-            return
+            return False
         self.conn.execute(
             "DELETE FROM tokens WHERE user=? AND rowid NOT IN ("
             " SELECT rowid FROM tokens WHERE user=? ORDER BY set_at DESC, touched DESC LIMIT ?)",
             (user, user, self.policy.max_per_user),
         )
+        return True
 
     def import_token(self, user: str, token: str, set_at: int) -> bool:
-        """Insert a token with a given timestamp (migration); True if it was new or newer."""
+        """Insert a token with a given timestamp (migration); True if it was new or newer
+        and is kept.  The limit holds as for :meth:`add_token`: a later refresh of a stored
+        token (one statement) never evicts, so nothing may leave the user above it."""
         cur = self.conn.execute(
             "INSERT INTO tokens(user, token, created, set_at, touched) VALUES (?,?,?,?,"
             " (SELECT coalesce(max(touched), 0) + 1 FROM tokens WHERE user=?)) "
@@ -160,7 +167,14 @@ class MetadataStore:
             "WHERE excluded.set_at > tokens.set_at",
             (user, token, set_at, set_at, user),
         )
-        return cur.rowcount > 0
+        if cur.rowcount <= 0:
+            return False
+        if not self._evict_over_limit(user):
+            return True
+        kept = self.conn.execute(
+            "SELECT 1 FROM tokens WHERE user=? AND token=?", (user, token)
+        ).fetchone()
+        return kept is not None
 
     def remove_token(self, user: str, token: str) -> bool:
         cur = self.conn.execute("DELETE FROM tokens WHERE user=? AND token=?", (user, token))

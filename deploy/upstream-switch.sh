@@ -66,8 +66,40 @@ run_import() {  # $@: extra importer options
   "$py" -m chatmaild.importer "$ini" --root "${root:-/}" --pending "$@"
 }
 
+# Ours in place: our unit installed (and, with systemctl, its socket active).
+ours_installed() {
+  grep -qs '/usr/local/lib/chatmail-metadata/venv/' "$root$service" || return 1
+  ((!systemctl)) || systemctl is-active --quiet chatmail-metadata.socket
+}
+
+# A rerun after a switch that failed part way: once upstream's files are all aside
+# (the state says so) ours can be installed over them; before, finishing could overwrite
+# one that was never moved aside, so only --rollback may go on.
+plan_resume() {
+  grep -q '^aside_done=' "$root$state" ||
+    die "the switch-over of $(state_get switched_utc) stopped while moving upstream's files aside" \
+      "(state file $state): run deploy/install-relay --rollback${root:+ --root $root}"
+  socket=$(state_get socket)
+  ini_host=$(state_get ini)
+  ini=$root$ini_host
+  mailboxes=$(state_get mailboxes)
+  resume=1
+  say "the switch-over of $(state_get switched_utc) was not finished (ours not installed):" \
+    "finishing it (state file $state)"
+  if ((dry_run)); then
+    say "would install ours on socket $socket and start it"
+    say "dry run: nothing changed"
+    exit 0
+  fi
+}
+
 plan_switch() {
+  resume=0
   if [ -f "$root$state" ]; then
+    if ! ours_installed; then
+      plan_resume
+      return 0
+    fi
     say "already switched over from upstream at $(state_get switched_utc) (state file $state):" \
       "nothing to do"
     exit 0
@@ -125,11 +157,12 @@ switch_data() {
   if [ -d "$root$mailboxes/pending_notifications" ]; then
     move_aside consumed "$mailboxes/pending_notifications"
   fi
+  echo "aside_done=$(date +%s)" >>"$root$state"  # a rerun may finish the install from here
 }
 
 switch_summary() {
   say "switched over from upstream on socket $socket; state file $state"
-  sed 's/^/== /' <<<"$import_summary"
+  ((resume)) || sed 's/^/== /' <<<"$import_summary"
   say "roll back with: deploy/install-relay --rollback${root:+ --root $root}"
 }
 
@@ -161,12 +194,18 @@ rollback() {
   # Ours goes; where it replaced one of upstream's, that one is moved back over it.  A
   # rollback that stopped part way can be run again: a path whose aside is gone was
   # restored already and is left alone (removing "ours" there would delete upstream's).
+  # A switch that stopped while moving upstream's files aside installed nothing of ours
+  # (no aside_done, and our unit is not there: states older than aside_done have it):
+  # what was not moved is upstream's, and stays.
   local p
-  for p in "$service" "$units/chatmail-metadata.socket" "$lua" \
-    /etc/dovecot/conf.d/90-chatmail-metadata.conf "$service.d"; do
-    awk -F'\t' -v p="$p" '$1 == "moved" && $2 == p { found = 1 } END { exit !found }' \
-      "$root$state" || rm -rf "$root$p"
-  done
+  if grep -q '^aside_done=' "$root$state" ||
+    grep -qs '/usr/local/lib/chatmail-metadata/venv/' "$root$service"; then
+    for p in "$service" "$units/chatmail-metadata.socket" "$lua" \
+      /etc/dovecot/conf.d/90-chatmail-metadata.conf "$service.d"; do
+      awk -F'\t' -v p="$p" '$1 == "moved" && $2 == p { found = 1 } END { exit !found }' \
+        "$root$state" || rm -rf "$root$p"
+    done
+  fi
   while IFS=$'\t' read -r _ orig aside; do
     if [ -e "$root$aside" ]; then
       rm -rf "$root$orig"

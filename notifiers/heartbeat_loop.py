@@ -156,6 +156,17 @@ class Heartbeats:
         )
         self.wake()
 
+    def forget(self, token: PushToken) -> None:
+        """Unschedule ``token``: a push to it (``/notify``) found it gone.
+
+        Queued for the writer like a heartbeat's verdict (no database I/O here); a
+        token that was never registered costs one DELETE that finds nothing.
+        """
+        if token.kind not in HEARTBEAT_KINDS or self._closed:
+            return
+        self._verdicts.append((token.raw, None))
+        self._verdicts_ready.set()
+
     # -- the tasks ----------------------------------------------------------------------
 
     async def _run(self, function: Callable[..., _T], *args: Any) -> _T:

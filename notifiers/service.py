@@ -318,6 +318,8 @@ class NotifyService:
             delivery.outcome.value,
         )
         if delivery.outcome is Outcome.GONE:
+            if self.heartbeats is not None:
+                self.heartbeats.forget(token)
             return NotifyResult(Outcome.GONE, "token is gone")
         return _retry(f"push failed: {reason}")
 

@@ -691,6 +691,19 @@ def test_protocol_errors_are_reported_not_logged():
     assert len(conn.problems) <= 64  # bounded if nobody takes them
 
 
+@pytest.mark.parametrize("letter", [b"C", b"D", b"S", b"R"])
+def test_problem_text_of_a_huge_unknown_txid_is_clipped_when_built(letter):
+    """A 1 MiB transaction id is the client's to choose; the problem text is ours to keep short."""
+    txid = b"x" * (dp.DEFAULT_MAX_LINE - 16)
+    rest = b"	k	v" if letter == b"S" else b""
+    conn, events = owed_events(letter + txid + rest)
+    [problem] = conn.problems
+    assert len(problem) < 400, problem[:100]
+    for ev in events:  # the reply still names the id exactly (the protocol needs it)
+        reply = conn.send(ev)
+        assert reply.startswith(b"F" + txid + b"\t") and len(reply) < len(txid) + 400
+
+
 # ---------------------------------------------------------------------------
 # Protocol versions
 

@@ -349,6 +349,44 @@ def test_backend_exception_ends_in_the_one_failure_owed(tmp_path, caplog):
     ]
 
 
+def test_huge_backend_exception_text_is_clipped_in_the_failure(tmp_path, caplog):
+    """An exception may quote client bytes (a 1 MiB key): Dovecot gets a short, one-line reason."""
+    backend = make_backend(tmp_path)
+    huge = "boom\n" + "x" * (1 << 20) + "\tend"
+
+    def broken(ev):
+        raise RuntimeError(huge)
+
+    async def broken_later():
+        raise RuntimeError(huge)
+
+    backend.lookup = lambda ev: broken_later() if ev.key == b"later" else broken(ev)
+    backend.iterate = broken
+    backend.commit = broken
+
+    async def main():
+        proto, transport = adapter(backend)
+        a = ALICE.encode()
+        proto.data_received(
+            HELLO
+            + wire(b"L" + priv("k") + b"\t" + a, b"I9\t0\tpriv/\t" + a, b"B1\t" + a, b"C1")
+            + wire(b"Llater\t" + a)
+        )
+        for _ in range(100):
+            if transport.written.count(b"\n") == 4:
+                break
+            await asyncio.sleep(0.01)
+        return proto, transport
+
+    proto, transport = asyncio.run(main())
+    lines = transport.written.split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 5
+    for line in lines[:-1]:
+        assert b"internal error: boom\x01nxxx" in line and line.count(b"\t") <= 1  # F<id>\t
+        assert len(line) < 400
+    assert proto.conn.replies_owed == 0
+
+
 @pytest.mark.parametrize("wrong", [b"Ov\n", None, dp.COMMITTED, [(b"k", b"v")]])
 def test_backend_reply_of_the_wrong_kind_becomes_a_failure(tmp_path, caplog, wrong):
     backend = make_backend(tmp_path)

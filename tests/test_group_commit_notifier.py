@@ -120,3 +120,24 @@ def test_a_connection_lost_while_its_commit_waits_costs_the_others_nothing(tmp_p
     assert group.groups == 2
     assert [u for _, u, _ in _queued(notifier)] == [ALICE, CAROL]
     assert backend.store.get_attribute(ALICE, priv("k")) == b"v"
+
+
+def test_a_group_retried_without_its_refused_one_counts_and_logs_each_commit_once(tmp_path, caplog):
+    """The rounds before the final COMMIT were rolled back: what they counted and logged
+    never happened. A coalesced delivery counts once, a token removal is logged once."""
+    backend, notifier = _setup(tmp_path)
+    backend.commit(_commit("t", BOB, dp.SetOp(priv("devicetoken"), b"tb")))
+    backend.commit(_new_mail("0", ALICE))  # a fresh job: the next delivery coalesces into it
+    assert notifier.metrics.coalesced._value.get() == 0
+    caplog.set_level("INFO", logger="chatmaild.metadata")
+    replies = backend.commit_many(
+        [
+            _new_mail("1", ALICE),
+            _commit("2", BOB, dp.UnsetOp(priv("devicetoken"))),
+            _commit("3", CAROL, dp.SetOp(b"bad/key", b"v")),
+        ]
+    )
+    assert [type(r) for r in replies] == [*[type(dp.COMMITTED)] * 2, dp.Failure]
+    assert notifier.metrics.coalesced._value.get() == 1
+    removals = [r.getMessage() for r in caplog.records if "device tokens" in r.getMessage()]
+    assert removals == [f"removed 1 device tokens of {BOB}"]

@@ -334,6 +334,27 @@ async def test_only_gone_removes_a_token(harness, fake_apns_jwt):
 
 
 @pytest.mark.asyncio
+async def test_a_token_gone_on_notify_leaves_the_heartbeats(harness, fake_apns_jwt):
+    """APNs said the token is dead when /notify used it: no heartbeat is sent to it again."""
+    clock = Clock()
+    beats = await harness.started(clock, workers=1)
+    service = NotifyService(beats.providers, metrics=beats.metrics, heartbeats=beats)
+    async with TestClient(TestServer(make_app(service), host="127.0.0.1")) as client:
+        for n in (1, 2):
+            response = await client.post("/register", data=json.dumps({"token": device(n)}))
+            assert response.status == 200
+        assert beats.store.count == 2
+        fake_apns_jwt.script(apns_error(410, "Unregistered"))
+        response = await client.post("/notify", data=device(1))
+        assert response.status == 410
+        await until(lambda: beats.store.count == 1, "the removal")
+        assert beats.store.due_time(device(1)) is None
+        assert beats.store.due_time(device(2)) is not None
+        assert sample(beats.metrics, "heartbeat_tokens") == 1
+        await beats.aclose()  # before the app closes the providers, as the programs do
+
+
+@pytest.mark.asyncio
 async def test_transport_failure_keeps_the_token(harness, fake_apns_jwt):
     clock = Clock()
     beats = await harness.started(clock)

@@ -257,6 +257,19 @@ def test_import_token_semantics(store):
     assert store.valid_tokens("a", T0 + 5) == ["t"]
 
 
+def test_import_token_keeps_the_limit_evicting_the_least_recently_set(store):
+    """Imported tokens count against ``max_per_user`` as added ones do (a later refresh,
+    one statement, never evicts, so the store must not be left above the limit)."""
+    limit = store.policy.max_per_user
+    with store.transaction():
+        for i in range(limit + 8):
+            store.import_token("a", f"t{i}", T0 - 1000 + i)
+        assert store.import_token("a", "older", T0 - 2000) is False  # evicted at once
+    assert store.valid_tokens("a", T0) == [f"t{i}" for i in range(8, limit + 8)]
+    (count,) = store.conn.execute("SELECT count(*) FROM tokens WHERE user='a'").fetchone()
+    assert count == limit
+
+
 def test_store_persists_across_connections(tmp_path):
     s1 = MetadataStore(connect(tmp_path / "db.sqlite3"))
     with s1.transaction():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -300,3 +301,62 @@ def test_a_rollback_interrupted_after_restoring_some_files_can_be_run_again(rela
     assert (root / lua.lstrip("/")).read_text() == "-- upstream's hook\n"
     assert (root / UNIT).read_text() == UPSTREAM_UNIT
     assert not (root / STATE).exists()
+
+
+def test_a_switch_that_failed_after_moving_upstream_aside_is_finished_by_a_rerun(relay):
+    """Upstream stopped and moved aside, ours not installed yet (here: the Dovecot conf.d
+    is a file, so the snippet cannot be written): a rerun finishes the install, not
+    "nothing to do"; the tokens were imported once, and a rollback still restores all."""
+    root, _, _ = relay
+    before = snapshot(root)
+    blocker = root / "etc/dovecot/conf.d"
+    blocker.write_text("in the way\n")
+    failed = install(root, "--from-upstream", lmtp_dict=f"proxy:{SOCKET}:metadata")
+    assert failed.returncode != 0
+    assert (root / STATE).exists() and not (root / UNIT).exists()
+    blocker.unlink()
+    res = install(root, "--from-upstream", lmtp_dict=f"proxy:{SOCKET}:metadata")
+    assert res.returncode == 0, res.stderr
+    assert "nothing to do" not in res.stdout
+    assert "was not finished" in res.stdout and "importing" not in res.stdout
+    assert "systemctl restart chatmail-metadata.socket chatmail-metadata.service (not run" in (
+        res.stdout
+    )
+    unit = (root / UNIT).read_text()
+    assert "/usr/local/lib/chatmail-metadata/venv/" in unit
+    assert SOCKET in (root / "etc/systemd/system/chatmail-metadata.socket").read_text()
+    assert db(root).execute("SELECT count(*) FROM tokens").fetchone() == (4,)
+    again = install(root, "--from-upstream")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert install(root, "--rollback").returncode == 0
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT
+    lua = "etc/dovecot/push_notification.lua"
+    assert (root / lua).read_bytes() == before[lua]
+
+
+def test_a_switch_that_stopped_while_moving_upstream_aside_says_to_roll_back(relay):
+    """The moves aside did not all happen: finishing could overwrite an upstream file that
+    was never moved aside, so the rerun stops with one line naming --rollback."""
+    root, _, _ = relay
+    hook = root / "etc/dovecot/push_notification.lua"
+    assert install(root, "--from-upstream").returncode == 0
+    # Back to where a switch stopped after moving upstream's unit aside, before its Lua
+    # hook: the hook is upstream's, none of ours is installed, the state names the unit.
+    state = root / STATE
+    lines = state.read_text().splitlines(True)
+    state.write_text("".join(lines[:6]))
+    assert lines[5].startswith("moved\t/" + UNIT + "\t")
+    lua_aside = next(line.split("\t")[2].strip() for line in lines if "push_notification" in line)
+    (root / lua_aside.lstrip("/")).replace(hook)
+    for ours in ("etc/systemd/system/chatmail-metadata.socket", "etc/dovecot/conf.d"):
+        shutil.rmtree(root / ours) if (root / ours).is_dir() else (root / ours).unlink()
+    (root / UNIT).unlink()
+    res = install(root, "--from-upstream")
+    assert res.returncode == 1
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--rollback" in res.stderr and "/" + STATE in res.stderr
+    # ... and that rollback keeps the hook that was never moved aside (it is upstream's)
+    res = install(root, "--rollback")
+    assert res.returncode == 0, res.stderr
+    assert hook.read_text() == "-- upstream's hook\n"
+    assert (root / UNIT).read_text() == UPSTREAM_UNIT

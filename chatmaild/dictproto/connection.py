@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from chatmail_common.logclip import clip
+
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import Event, Hello, Iterate, Lookup, Refusal, ReplyOwing
 from .framing import DEFAULT_MAX_LINE, LineBuffer, Oversized
@@ -175,7 +177,7 @@ class DictConnection:
     def _commit(self, cmd: CommitRequest) -> Event:
         done = self._transactions.finish(cmd.txid, cmd.command, self.dict_name)
         if done is None:
-            self._problem(f"commit of unknown transaction {cmd.txid!r}")
+            self._problem(f"commit of unknown transaction {clip(repr(cmd.txid))}")
             done = Refusal(cmd.command, "unknown transaction", cmd.txid)
         return self._owe(done)
 

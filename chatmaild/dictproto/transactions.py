@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chatmail_common.logclip import clip
+
 from .errors import RemoteProtocolError
 from .events import Commit, Op, Refusal, SetOp
 
@@ -50,7 +52,7 @@ class OpenTransactions:
     def _get(self, txid: str) -> _Transaction:
         tx = self._open.get(txid)
         if tx is None:
-            raise RemoteProtocolError(f"unknown transaction id {txid!r}")
+            raise RemoteProtocolError(f"unknown transaction id {clip(repr(txid))}")
         return tx
 
     def check_open(self, txid: str) -> None:
