@@ -86,6 +86,7 @@ class MemoEncoder(hpack.Encoder):
         if self.header_table.resized:
             block.append(self._encode_table_size_change())
             self.header_table.resized = False
+        memo = self._memo
         for header in headers:
             name, value = header[0], header[1]
             if not (type(name) is bytes and type(value) is bytes):
@@ -94,6 +95,11 @@ class MemoEncoder(hpack.Encoder):
                 sensitive = not header.indexable
             else:
                 sensitive = len(header) > 2 and bool(header[2])
+            if not sensitive:  # the usual case, looked up here without a call to add()
+                encoded = memo.get((name, value, huffman))
+                if encoded is not None:
+                    block.append(encoded)
+                    continue
             block.append(self.add((name, value), sensitive, huffman))
         return b"".join(block)
 
