@@ -53,6 +53,9 @@ SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 #: After a request timed out, how long a PING may go unanswered before the
 #: connection counts as dead.
 PING_TIMEOUT = 5.0
+#: Streams opened between two of h2's walks over its stream table (see
+#: ``_DrainingH2Connection.open_outbound_streams``).
+SWEEP_BATCH = 64
 
 
 class H2Error(Exception):
@@ -107,6 +110,28 @@ class _DrainingH2Connection(h2.connection.H2Connection):
         self.state_machine.state = state
         return frames, events
 
+    _sweep_at = SWEEP_BATCH
+
+    @property
+    def open_outbound_streams(self) -> int:
+        """The open outbound streams, or an upper bound that is below the peer's limit.
+
+        h2 asks this in every ``send_headers`` to refuse a stream past the peer's
+        ``MAX_CONCURRENT_STREAMS``, and answers by walking every stream it holds
+        (and dropping the closed ones): with 64 pushes in flight that walk was a
+        tenth of the proxy's CPU per push.  ``len(self.streams)`` counts the open
+        streams and the closed ones not yet dropped, so while it is below the limit
+        the check passes exactly as with the true count; h2's walk runs once
+        ``SWEEP_BATCH`` more streams have been opened since the last one (dropping
+        the closed streams, so the table stays bounded) or near the limit.
+        """
+        held = len(self.streams)
+        if held < self._sweep_at and held + 1 < self.remote_settings.max_concurrent_streams:
+            return held
+        count = super().open_outbound_streams
+        self._sweep_at = len(self.streams) + SWEEP_BATCH
+        return count
+
 
 class _Stream:
     """One request in flight: its future and what has arrived so far."""
@@ -132,9 +157,11 @@ class _Connection(asyncio.Protocol):
         # every request (a fifth of the proxy's CPU per push); the callers send fixed
         # lower-case names and grammar-checked values, and the one rule of h2's
         # normalisation that matters (credentials are never indexed) is kept in request().
+        # Received headers stay bytes (h2 still validates them): _on_headers decodes the
+        # ones kept, in one loop instead of h2's generator per header.
         config = h2.config.H2Configuration(
             client_side=True,
-            header_encoding="utf-8",
+            header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
@@ -149,6 +176,10 @@ class _Connection(asyncio.Protocol):
         self.goaway = False
         self.closed = False
         self._ping: asyncio.TimerHandle | None = None  # a liveness PING awaiting its ACK
+        # (deadline, stream id) of requests given a deadline, in sending order with
+        # deadlines that never decrease; one timer, for the first, expires them all.
+        self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     # -- state -------------------------------------------------------------
 
@@ -163,10 +194,29 @@ class _Connection(asyncio.Protocol):
 
     # -- requests ----------------------------------------------------------
 
+    def takes_deadline(self, deadline: float) -> bool:
+        """Whether :meth:`request` with ``deadline`` opens a stream at once and keeps the
+        deadline itself (no waiting, and no deadline before one already queued)."""
+        return (
+            self.accepting
+            and self._free_streams() > 0
+            and (not self._deadlines or self._deadlines[-1][0] <= deadline)
+        )
+
     async def request(
-        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        deadline: float | None = None,
     ) -> H2Response:
-        """Send one request on a free stream and wait for the whole response."""
+        """Send one request on a free stream and wait for the whole response.
+
+        ``deadline`` (loop time; only when :meth:`takes_deadline`): past it the
+        stream is reset and TimeoutError raised, by this connection's one deadline
+        timer instead of a timer and a task cancellation per request.
+        """
         if not (self.accepting and self._free_streams() > 0):
             await self._acquire_stream()
         try:
@@ -198,6 +248,10 @@ class _Connection(asyncio.Protocol):
         except h2.exceptions.ProtocolError as exc:  # e.g. TooManyStreamsError: nothing sent
             raise StreamRefused(f"cannot open a stream: {exc!r}") from exc
         self._streams[stream_id] = stream
+        if deadline is not None:
+            self._deadlines.append((deadline, stream_id))
+            if self._deadline_timer is None:
+                self._deadline_timer = self._loop.call_at(deadline, self._expire)
         if body:
             self._send_body(stream_id, stream)
         self._schedule_flush()
@@ -225,6 +279,26 @@ class _Connection(asyncio.Protocol):
         self._ping = self._loop.call_later(
             PING_TIMEOUT if timeout is None else timeout, self._ping_timed_out
         )
+
+    def _expire(self) -> None:
+        """Time out the requests whose deadline passed; re-arm for the next one."""
+        self._deadline_timer = None
+        now = self._loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            deadline, stream_id = deadlines[0]
+            if stream_id not in self._streams:
+                deadlines.popleft()  # answered (or failed) in time
+            elif deadline <= now:
+                deadlines.popleft()
+                future = self._streams[stream_id].future
+                self._cancel_stream(stream_id)
+                if not future.done():
+                    future.set_exception(TimeoutError())
+                self.check_alive()
+            else:
+                self._deadline_timer = self._loop.call_at(deadline, self._expire)
+                return
 
     def _ping_timed_out(self) -> None:
         self._ping = None
@@ -290,6 +364,9 @@ class _Connection(asyncio.Protocol):
         self._schedule_flush()
 
     def _stream_done(self) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._streams:
+            deadlines.popleft()  # keep the queue as short as the requests in flight
         self._wake_waiters(1)
         if self.goaway and not self._streams and not self.closed:
             self.close()  # drained
@@ -379,12 +456,12 @@ class _Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event)
 
-    def _on_headers(self, stream: _Stream, headers: list[tuple[str, str]]) -> None:
+    def _on_headers(self, stream: _Stream, headers: list[tuple[bytes, bytes]]) -> None:
         for name, value in headers:
-            if name == ":status":
+            if name == b":status":
                 stream.status = int(value)
-            elif not name.startswith(":"):
-                stream.headers.append((name, value))
+            elif not name.startswith(b":"):
+                stream.headers.append((name.decode("utf-8"), value.decode("utf-8")))
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream_id: int = event.stream_id  # type: ignore[assignment]
@@ -439,6 +516,9 @@ class _Connection(asyncio.Protocol):
         if self._ping is not None:
             self._ping.cancel()
             self._ping = None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         self._fail_ready(ConnectError(str(error)))
         for stream_id in list(self._streams):
             self._finish(stream_id, error)
@@ -510,7 +590,18 @@ class H2Client:
         which the APNs collapse id and the proxy's debouncing make harmless,
         whereas failing it would delay the wake-up by the relay's retry interval.
         """
-        async with asyncio.timeout(timeout):
+        deadline = asyncio.get_running_loop().time() + timeout
+        connection = self._current
+        if connection is not None and not self._closed and connection.takes_deadline(deadline):
+            # The usual case: a free stream now, so the connection keeps the deadline
+            # (an asyncio.timeout per request was a tenth of the proxy's CPU per push).
+            try:
+                return await connection.request(method, path, headers, body, deadline)
+            except (StreamRefused, ConnectionLost) as exc:
+                log.debug("repeating %s request after %s", method, type(exc).__name__)
+                async with asyncio.timeout_at(deadline):
+                    return await self._attempt(method, path, headers, body)
+        async with asyncio.timeout_at(deadline):
             try:
                 return await self._attempt(method, path, headers, body)
             except (StreamRefused, ConnectionLost) as exc:

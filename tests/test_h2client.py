@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import pytest
 import trustme
@@ -468,3 +469,70 @@ async def test_window_grown_by_settings_unblocks_the_body(tls_ca, ca_path):
         await client.aclose()
         srv.close()
         await srv.wait_closed()
+
+
+def _h2_pair(max_streams: int | None = None):
+    """A client ``_DrainingH2Connection`` and a server ``H2Connection``, settings exchanged."""
+    client = h2client._DrainingH2Connection(
+        config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    server = h2.connection.H2Connection(
+        config=h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+    )
+    if max_streams is not None:
+        server.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams},
+        )
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    return client, server
+
+
+REQUEST_HEADERS = [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/")]
+
+
+def test_stream_table_stays_bounded_without_a_walk_per_request():
+    """The cheap open-stream count still lets h2 drop closed streams now and then."""
+    client, server = _h2_pair()
+    for _ in range(1000):
+        stream_id = client.get_next_available_stream_id()
+        client.send_headers(stream_id, REQUEST_HEADERS, end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(stream_id, [(":status", "200")], end_stream=True)
+        client.receive_data(server.data_to_send())
+    assert len(client.streams) <= h2client.SWEEP_BATCH + 1
+    assert h2.connection.H2Connection.open_outbound_streams.fget(client) == 0  # the true count
+
+
+def test_the_peers_stream_limit_is_still_enforced_by_h2():
+    client, server = _h2_pair(max_streams=100)
+    for _ in range(100):
+        client.send_headers(client.get_next_available_stream_id(), REQUEST_HEADERS)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        client.send_headers(client.get_next_available_stream_id(), REQUEST_HEADERS)
+
+
+async def test_deadlines_kept_by_an_established_connection(limited, ca_path):
+    """On a connected client a request's deadline is the connection's (one timer), also
+    when a shorter timeout follows a longer one; timed-out streams are reset and freed."""
+    client = client_for(limited, ca_path)
+    try:
+        assert (await post(client)).status == 200  # connected: the next ones open at once
+        limited.script(*[Reply(200, delay=2.0)] * 3)
+        results = await asyncio.gather(
+            post(client, timeout=0.5),
+            post(client, timeout=0.2),
+            post(client, timeout=0.3),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        responses = await asyncio.gather(*(post(client, timeout=1) for _ in range(3)))
+        assert not client._current._deadlines  # nothing left queued once all are answered
+    finally:
+        await client.aclose()
+    assert [r.status for r in responses] == [200] * 3
+    assert limited.connections == 1

@@ -75,3 +75,17 @@ def test_peer_shrinking_and_growing_its_header_table_mid_connection():
                 (n.encode(), v.encode()) for n, v in headers
             ]
             stream += 2
+
+
+def test_huffman_coder_gives_hpacks_bytes_for_every_octet_and_length():
+    """Every octet alone, every padding length, and random strings: hpack's exact bytes."""
+    import random
+
+    from notifiers.hpackmemo import BitStringHuffman
+
+    ours, theirs = BitStringHuffman(), hpack.Encoder().huffman_coder
+    rng = random.Random(11)
+    samples = [bytes([b]) for b in range(256)] + [b"", b"/3/device/" + b"ab" * 32]
+    samples += [rng.randbytes(rng.randrange(1, 200)) for _ in range(500)]
+    for data in samples:
+        assert ours.encode(data) == theirs.encode(data), data
