@@ -103,7 +103,7 @@ class _Episode:
 
 def _transport_maker(
     loop: asyncio.AbstractEventLoop,
-) -> Callable[[socket.socket, asyncio.BaseProtocol], object] | None:
+) -> Callable[..., object] | None:
     """The selector loop's transport constructor, or None on any other loop.
 
     ``connect_accepted_socket`` costs a task, a waiter future and four more loop
@@ -174,7 +174,7 @@ class GuardedServer:
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # nothing (more) waiting
             except OSError as exc:
@@ -185,18 +185,21 @@ class GuardedServer:
                 return
             self._accepted(sock)
             if self._make_transport is not None:
-                self._connect_now(conn)
+                self._connect_now(conn, peer)
                 continue
             task = self._loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _connect_now(self, conn: socket.socket) -> None:
+    def _connect_now(self, conn: socket.socket, peer: object) -> None:
         """The transport made at once, as the selector loop's own accept does: no task,
-        no waiter future (Dovecot's default opens a dict connection per IMAP command)."""
+        no waiter future, and the peer's address from accept() instead of a
+        ``getpeername()`` (Dovecot's default opens a dict connection per IMAP command)."""
         try:
             conn.setblocking(False)
-            self._make_transport(conn, self.protocol_factory())  # type: ignore[misc]
+            self._make_transport(  # type: ignore[misc]
+                conn, self.protocol_factory(), extra={"peername": peer}
+            )
         except Exception as exc:  # the protocol refused it
             conn.close()
             log.debug("connection setup failed: %s", exc)
