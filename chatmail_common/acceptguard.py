@@ -7,9 +7,10 @@ but then goes on calling ``accept()`` up to ``backlog`` times in the same tick:
 with a backlog of 4096 that is 4096 tracebacks and 4096 scheduled retries per
 readiness (measured: 118,729 tracebacks, 54 MB of log and most of a core in 12 s).
 
-:class:`GuardedServer` serves listening sockets with public asyncio API only
-(``add_reader`` and ``connect_accepted_socket``), so it behaves the same on every
-Python from 3.11 on.  When ``accept()`` fails for want of a resource it stops
+:class:`GuardedServer` serves listening sockets with ``add_reader`` and
+``connect_accepted_socket`` (on the stock selector loop, the transport constructor that
+API wraps: see :func:`_transport_maker`), so it behaves the same on every Python from
+3.11 on.  When ``accept()`` fails for want of a resource it stops
 reading that socket for :data:`PAUSE_SECONDS` and tries again; the connections
 waiting meanwhile stay in the kernel's backlog.  An episode is one warning when it
 starts (naming the errno, the soft ``RLIMIT_NOFILE`` and the descriptors open) and
@@ -21,6 +22,7 @@ episode, for a metrics counter.
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import errno
 import logging
 import os
@@ -99,6 +101,22 @@ class _Episode:
             self.end_timer = None
 
 
+def _transport_maker(
+    loop: asyncio.AbstractEventLoop,
+) -> Callable[..., object] | None:
+    """The selector loop's transport constructor, or None on any other loop.
+
+    ``connect_accepted_socket`` costs a task, a waiter future and four more loop
+    callbacks per connection on top of what the transport itself schedules; the
+    constructor asyncio's own accept loop calls does the same setup without them.  It
+    is not public API, so it is used only on the stock selector loop (3.11-3.13 share
+    its signature) and everything else takes the public path.
+    """
+    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return None
+    return getattr(loop, "_make_socket_transport", None)
+
+
 class GuardedServer:
     """Serve ``protocol_factory`` on already bound listening sockets (see the module doc).
 
@@ -121,6 +139,7 @@ class GuardedServer:
         self._retries: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._serving = False
+        self._make_transport = _transport_maker(self._loop)
 
     def start(self) -> None:
         for sock in self.sockets:
@@ -155,7 +174,7 @@ class GuardedServer:
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # nothing (more) waiting
             except OSError as exc:
@@ -165,9 +184,25 @@ class GuardedServer:
                     log.warning("accept on %s failed: %s", _socket_name(sock), exc)
                 return
             self._accepted(sock)
+            if self._make_transport is not None:
+                self._connect_now(conn, peer)
+                continue
             task = self._loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _connect_now(self, conn: socket.socket, peer: object) -> None:
+        """The transport made at once, as the selector loop's own accept does: no task,
+        no waiter future, and the peer's address from accept() instead of a
+        ``getpeername()`` (Dovecot's default opens a dict connection per IMAP command)."""
+        try:
+            conn.setblocking(False)
+            self._make_transport(  # type: ignore[misc]
+                conn, self.protocol_factory(), extra={"peername": peer}
+            )
+        except Exception as exc:  # the protocol refused it
+            conn.close()
+            log.debug("connection setup failed: %s", exc)
 
     async def _connect(self, conn: socket.socket) -> None:
         try:

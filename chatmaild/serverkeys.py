@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,7 +115,9 @@ class ServerKeys:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self._appversions_cache: tuple[float, bytes | None] | None = None
+        self._appversions_cache: tuple[tuple[int, int, int] | None, bytes | None] | None = None
+        self._appversions_path: Path | None = None
+        self._appversions_str = ""
         self._on_turn_failure = on_turn_failure
         self._clock = clock
         self._wall_clock = wall_clock
@@ -135,16 +138,28 @@ class ServerKeys:
         raise KeyError(name)
 
     def _appversions(self) -> bytes | None:
+        """The file's value, re-read only when its identity, size or mtime changed.
+
+        Delta Chat reads the key on every login, so this is one ``os.stat`` of a
+        pre-converted path per lookup (no ``Path`` object work), never a read.
+        """
         path = self.config.appversions_path
         try:
-            mtime = path.stat().st_mtime
+            st = os.stat(self._appversions_fspath(path))
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
-            mtime = -1.0
+            stamp = None
         cached = self._appversions_cache
-        if cached is None or cached[0] != mtime:
-            cached = (mtime, read_appversions(path))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, read_appversions(path))
             self._appversions_cache = cached
         return cached[1]
+
+    def _appversions_fspath(self, path: Path) -> str:
+        if self._appversions_path is not path:  # a config reloaded with another path
+            self._appversions_path = path
+            self._appversions_str = os.fspath(path)
+        return self._appversions_str
 
     def cached_turn(self) -> bytes | None | object:
         """The ``turn`` answer without I/O, or ``TURN_UNKNOWN`` if the helper must be asked."""

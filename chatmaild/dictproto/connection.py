@@ -34,6 +34,7 @@ from .sentinels import NEED_DATA
 from .transactions import OpenTransactions
 from .versions import DEFAULT_VERSION, ProtocolVersion, version_for
 
+_L = ord("L")
 MAX_PROBLEMS = 64  # descriptions kept until the caller takes them (``errors`` counts all)
 
 
@@ -56,14 +57,6 @@ class DictConnection:
         self.dict_name = ""
         self.errors = 0
         self.problems: deque[str] = deque(maxlen=MAX_PROBLEMS)
-        self._apply = {
-            Hello: self._hello,
-            Begin: self._begin,
-            AddOp: self._add_op,
-            TuneTransaction: self._tune,
-            Rollback: self._rollback,
-            CommitRequest: self._commit,
-        }
 
     @property
     def max_line(self) -> int:
@@ -97,18 +90,35 @@ class DictConnection:
                 ev = self._oversized(line.head)
             elif not line:
                 ev = self._refuse(None, "empty line")
+            elif line[0] == _L and b"\x01" not in line:  # type: ignore[index]
+                # The hot path (Delta Chat's login reads four server keys, one L each):
+                # what parse_lookup makes of a line with nothing escaped, in one step.
+                fields = line[1:].split(b"\t")  # type: ignore[index]
+                if len(fields) >= 2 and fields[1]:
+                    try:
+                        lookup = Lookup(fields[0], fields[1].decode("utf-8"))
+                    except UnicodeDecodeError:
+                        pass  # the general path below reports it
+                    else:
+                        self._owed.append(lookup)
+                        return lookup
+                ev = self._parse(line)  # type: ignore[arg-type]
             else:
-                try:
-                    parsed = parse_line(line, self._parsers, self.version)  # type: ignore[arg-type]
-                    kind = type(parsed)
-                    if kind is Lookup or kind is Iterate:  # the hot path: no state to change
-                        self._owed.append(parsed)  # type: ignore[arg-type]
-                        return parsed  # type: ignore[return-value]
-                    ev = self._apply[kind](parsed)
-                except RemoteProtocolError as exc:
-                    ev = self._remote_error(line[0], exc)  # type: ignore[index]
+                ev = self._parse(line)  # type: ignore[arg-type]
             if ev is not None:
                 return ev
+
+    def _parse(self, line: bytes) -> Event | None:
+        """Any non-empty line: the event it makes, or None for a transaction command."""
+        try:
+            parsed = parse_line(line, self._parsers, self.version)
+            kind = type(parsed)
+            if kind is Lookup or kind is Iterate:  # no state to change
+                self._owed.append(parsed)  # type: ignore[arg-type]
+                return parsed  # type: ignore[return-value]
+            return _APPLY[kind](self, parsed)  # type: ignore[operator]
+        except RemoteProtocolError as exc:
+            return self._remote_error(line[0], exc)
 
     def events(self) -> list[Event]:
         """All events the buffered bytes make (tests and tools; servers use next_event)."""
@@ -208,3 +218,15 @@ class DictConnection:
             elif letter in b"CD":
                 self._transactions.drop(txid)  # the refusal below is its one reply
         return self._refuse(letter, reason)
+
+
+#: What each parsed command does to the connection (one table for all connections: a
+#: connection per IMAP command is Dovecot's default, so construction is a hot path too).
+_APPLY = {
+    Hello: DictConnection._hello,
+    Begin: DictConnection._begin,
+    AddOp: DictConnection._add_op,
+    TuneTransaction: DictConnection._tune,
+    Rollback: DictConnection._rollback,
+    CommitRequest: DictConnection._commit,
+}

@@ -1,0 +1,79 @@
+"""GuardedServer's two ways of making a connection's transport (issue 11).
+
+On the stock selector loop the transport is made at once, the way asyncio's own accept
+loop does it; any other loop goes through the public ``connect_accepted_socket``.  Both
+must serve the same, and a protocol factory that raises must cost only that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from chatmail_common import acceptguard
+from chatmail_common.acceptguard import GuardedServer
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"echo " + data)  # type: ignore[attr-defined]
+
+
+async def _ask(path: str, line: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(line)
+        return await asyncio.wait_for(reader.readline(), 10)
+    except OSError:  # closed by the server (reset, broken pipe, not connected): no answer
+        return b""
+    finally:
+        writer.close()
+
+
+def _listening(tmp_path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(128)
+    return sock, path
+
+
+def test_the_stock_loop_makes_transports_without_a_task():
+    async def check() -> None:
+        assert acceptguard._transport_maker(asyncio.get_running_loop()) is not None
+
+    asyncio.run(check())
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["transport at once", "public API"])
+def test_connections_are_served_and_a_refusing_factory_costs_one_connection(
+    tmp_path, monkeypatch, direct
+):
+    if not direct:
+        monkeypatch.setattr(acceptguard, "_transport_maker", lambda loop: None)
+    refuse = [True]
+
+    def factory() -> asyncio.Protocol:
+        if refuse[0]:
+            refuse[0] = False
+            raise RuntimeError("refused")
+        return _Echo()
+
+    async def check() -> None:
+        sock, path = _listening(tmp_path)
+        server = GuardedServer([sock], factory)
+        server.start()
+        try:
+            assert await _ask(path, b"one\n") == b""  # closed: the factory raised
+            answers = await asyncio.gather(*(_ask(path, b"%d\n" % i) for i in range(20)))
+            assert answers == [b"echo %d\n" % i for i in range(20)]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(check())
