@@ -9,7 +9,7 @@ the embedded proxy's verdict is taken as it is.
 from __future__ import annotations
 
 import http.client
-import select
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -98,7 +98,12 @@ def _failed(exc: Exception) -> PushAnswer:
 
 
 class PlainHttpClient:
-    """POST over one keep-alive HTTP/1.1 connection (``http.client``), reopened when needed.
+    """POST over one keep-alive HTTP/1.1 connection, reopened when needed.
+
+    The request is written in ONE send (head and body in one buffer): ``http.client``
+    sends them in two, which costs a syscall and on loopback a second segment the
+    server has to wait for.  ``http.client`` still opens the connection (host and
+    port as written, its timeout) and parses the response.
 
     A connection the server has closed while idle (its keep-alive timeout) is readable
     (EOF) before the next request: it is reopened first, so that request is not lost
@@ -114,19 +119,44 @@ class PlainHttpClient:
         # (``::1`` from ``[::1]``) as host ``:`` and port 1.
         port = parts.port or http.client.HTTP_PORT
         self.conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
-        self.headers = {"User-Agent": USER_AGENT}
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        if port != http.client.HTTP_PORT:
+            host = f"{host}:{port}"
+        # What http.client sent: Host, Accept-Encoding identity, User-Agent, Content-Length.
+        self._head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n"
+            f"User-Agent: {USER_AGENT}\r\nContent-Length: "
+        ).encode("ascii")
 
-    def _drop_stale(self) -> None:
+    def _open_socket(self) -> socket.socket:
+        """The kept connection, or a new one if there is none or the server closed it."""
         sock = self.conn.sock
-        if sock is not None and select.select([sock], [], [], 0)[0]:
-            self.conn.close()  # EOF (closed by the server) or bytes nobody asked for
+        if sock is not None:
+            try:
+                # One non-blocking peek instead of select(): nothing to read means alive.
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return sock
+            except OSError:
+                pass
+            self.conn.close()  # EOF (closed by the server), an error, or unasked-for bytes
+        self.conn.connect()
+        assert self.conn.sock is not None
+        return self.conn.sock
 
     def push(self, token: str) -> PushAnswer:
-        self._drop_stale()
+        body = token.encode()
         try:
-            self.conn.request("POST", self.path, token.encode(), self.headers)
-            response = self.conn.getresponse()
-            response.read()
+            sock = self._open_socket()
+            sock.sendall(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
+            response = http.client.HTTPResponse(sock, method="POST")
+            try:
+                response.begin()
+                response.read()
+            finally:
+                response.close()  # the socket's own file stays open: keep-alive
+            if response.will_close:
+                self.conn.close()
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
             return _failed(exc)
