@@ -1,4 +1,4 @@
-"""Group commit of the notifier workers' job writes: one thread, one transaction per batch.
+"""Group commit of the notifier workers' job writes: one transaction per batch.
 
 A push used to cost the workers two write transactions of their own (claim, finish)
 under the database's one write lock: twelve workers queued on it, and each commit
@@ -13,7 +13,8 @@ The durability contract of :mod:`chatmaild.jobstore` holds:
   the job's row is still on disk with its attempt counted, so a ``kill -9`` before
   the next batch commits at worst sends that job once more after the restart (a
   counted attempt, never a lost job).  The next batch starts as soon as the previous
-  one is committed, so that window is one transaction long.  :meth:`close` writes
+  one is committed (the next claim carries them, or the committing thread writes
+  them), so that window is one transaction long.  :meth:`close` writes
   what is still queued.
 
 Once closed (the notifier stopping), an operation is made in its caller's own
