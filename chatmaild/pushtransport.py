@@ -12,7 +12,7 @@ import http.client
 import select
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -46,6 +46,8 @@ class _ProxyVerdict(Protocol):
 
 
 USER_AGENT = "chatmail-metadata"
+#: A response head longer than this is an error (a /notify answer is a few lines).
+MAX_HEAD = 65536
 
 
 def answer_for_status(status: int) -> PushAnswer:
@@ -104,7 +106,7 @@ class PlainHttpClient:
     The request is written in ONE send (head and body in one buffer): ``http.client``
     sends them in two, which costs a syscall and on loopback a second segment the
     server has to wait for.  ``http.client`` still opens the connection (host and
-    port as written, its timeout) and parses the response.
+    port as written, its timeout); the response is read by :func:`parse_response_head`.
 
     A connection the server has closed while idle (its keep-alive timeout) is readable
     (EOF) before the next request: it is reopened first, so that request is not lost
@@ -151,21 +153,83 @@ class PlainHttpClient:
         try:
             sock = self._open_socket()
             sock.sendall(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
-            response = http.client.HTTPResponse(sock, method="POST")
-            try:
-                response.begin()
-                response.read()
-            finally:
-                response.close()  # the socket's own file stays open: keep-alive
-            if response.will_close:
-                self.conn.close()
+            status, keep = _read_response(sock)
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
             return _failed(exc)
-        return answer_for_status(response.status)
+        if not keep:
+            self.conn.close()
+        return answer_for_status(status)
 
     def close(self) -> None:
         self.conn.close()
+
+
+class ResponseHead(NamedTuple):
+    status: int
+    #: The body's length, or None when it is not framed by Content-Length (chunked,
+    #: or until the server closes): the connection is then not reused.
+    length: int | None
+    keep_alive: bool
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """An HTTP/1.x response's status line and headers (without the blank line).
+
+    Only what the transport needs: the status, Content-Length and whether the
+    connection stays open; ``http.client`` parsed every header through the email
+    package, about as much CPU as the rest of a push.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise http.client.BadStatusLine(lines[0].decode("latin-1")[:80])
+    length: int | None = None
+    keep = parts[0] == b"HTTP/1.1"
+    chunked = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise http.client.HTTPException(f"bad header line {line[:80]!r}")
+        name = name.strip().lower()
+        value = value.strip().lower()
+        if name == b"content-length":
+            if not value.isdigit():
+                raise http.client.HTTPException(f"bad Content-Length {value[:20]!r}")
+            length = int(value)
+        elif name == b"connection":
+            keep = value == b"keep-alive" if not keep else b"close" not in value
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked:
+        length = None
+    return ResponseHead(int(parts[1]), length, keep and length is not None)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bool]:
+    """Read one response (skipping 1xx); its status and whether the connection is reusable."""
+    buf = b""
+    while True:
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > MAX_HEAD:
+                raise http.client.HTTPException("response head too long")
+            data = sock.recv(65536)
+            if not data:
+                raise http.client.RemoteDisconnected("closed without a response")
+            buf += data
+        head = parse_response_head(buf[:end])
+        buf = buf[end + 4 :]
+        if not 100 <= head.status < 200:
+            break
+    if head.length is None:
+        return head.status, False  # the body is not needed; the connection is dropped
+    while len(buf) < head.length:
+        data = sock.recv(65536)
+        if not data:
+            raise http.client.IncompleteRead(buf)
+        buf += data
+    # Bytes after the body nobody asked for: the connection is not reused.
+    return head.status, head.keep_alive and len(buf) == head.length
 
 
 class EmbeddedPushTransport:
