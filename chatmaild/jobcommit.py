@@ -12,9 +12,9 @@ The durability contract of :mod:`chatmaild.jobstore` holds:
 * :meth:`finish` and :meth:`reschedule` do not wait: the push is already made and
   the job's row is still on disk with its attempt counted, so a ``kill -9`` before
   the next batch commits at worst sends that job once more after the restart (a
-  counted attempt, never a lost job).  The next batch starts as soon as the previous
-  one is committed (the next claim carries them, or the committing thread writes
-  them), so that window is one transaction long.  :meth:`close` writes
+  counted attempt, never a lost job).  The next claim carries them, or the
+  committing thread writes them after :data:`LINGER` (5 ms), so that window is a
+  few milliseconds long.  :meth:`close` writes
   what is still queued.
 
 Once closed (the notifier stopping), an operation is made in its caller's own
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # A failed batch is tried again after 0.1 s, doubling to 5 s.
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
+# Finishes with no claim to carry them wait this long for one before they are written.
+LINGER = 0.005
 
 
 @dataclass(slots=True)
@@ -175,8 +177,17 @@ class JobCommitter:
         delay = RETRY_FIRST
         while True:
             with self._cond:
-                while self._busy or not (self._claims or self._ends or self._closed):
-                    self._cond.wait()
+                lingered = False
+                while True:
+                    if self._busy or not (self._claims or self._ends or self._closed):
+                        self._cond.wait()
+                    elif self._ends and not (self._claims or self._closed or lingered):
+                        # Only finishes: the next worker's claim may carry them (one
+                        # transaction per push instead of two); written after LINGER.
+                        lingered = True
+                        self._cond.wait(LINGER)
+                    else:
+                        break
                 if not (self._claims or self._ends):
                     return  # closed, and everything is written
                 claims, ends = self._take()
