@@ -86,6 +86,8 @@ class JobCommitter:
             if self._closed:
                 return own.claim(job_id)
             self._claims.append(waiter)
+            if self._failing:  # the committing thread retries: wake it for this claim
+                self._cond.notify_all()
             while not waiter.done:
                 if not (self._busy or self._failing):
                     claims, ends = self._take()
