@@ -2,7 +2,8 @@
 
 (a) burst: N tokens registered over the dict socket, then one ``messagenew``
     commit per user (dict name ``lmtp``) as fast as one connection goes; jobs/s
-    until a local HTTP sink (devstack/pushsink.py, in this process) has every POST,
+    until a local HTTP sink (devstack/pushsink.py, in a child process of its own) has
+    every POST,
     and latency from "commit sent" to "POST received".  Baseline: the raw rate
     of the same HTTP client library (httpx, one client per thread, as many
     threads as the notifier has workers) posting straight to the same sink from
@@ -10,6 +11,11 @@
 (b) the same latency with ``messagenew`` paced at 200 jobs/s.
 (c) deliveries/s from LMTP (smtplib, real Dovecot with the shipped Lua hook) to
     POST received.  Baseline: the same LMTP deliveries to users without tokens.
+
+The sink of (a)-(c) runs in a child process started before both sides of a pair
+(:class:`ChildSink`): in this process it competed for the GIL with the senders and
+LMTP clients of "ours" only, while the baseline's sink (or no sink) had the bench
+process to itself.
 (d) start-up of chatmail-metadata with 100,000 pending jobs in the database
     (far-future ``due``), to the first answered lookup and to the log line
     "notifier started".  Baseline: the same start-up with an empty queue.
@@ -25,9 +31,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from bench.bench_imap import bench_dovecot
 from bench.common import (
+    SPAWN,
     DictSocket,
     guid,
     median,
@@ -73,9 +81,73 @@ def _messagenew(conn: DictSocket, i: int) -> float:
     return sent
 
 
-def _latencies(sink: PushSink, sent: dict[str, float]) -> list[float]:
+class Post(NamedTuple):
+    body: bytes
+    at: float  # time.time() in the sink's process when the POST was answered
+
+
+def _sink_child(conn: Any) -> None:
+    """Child process: a PushSink answering 200, driven by commands on ``conn``."""
+    sink = PushSink()
+    conn.send(sink.url)
+    try:
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "clear":
+                with sink._lock:
+                    sink.requests.clear()
+                conn.send(None)
+            elif cmd == "wait":
+                try:
+                    reqs = sink.wait_for(*args)
+                except TimeoutError as exc:
+                    conn.send(exc)
+                else:
+                    conn.send([(r.body, r.at) for r in reqs])
+            else:
+                return
+    finally:
+        sink.close()
+
+
+class ChildSink:
+    """devstack's PushSink in a spawned process: the same sink for ours and the baseline,
+    and not in the process whose threads drive "ours" (senders, LMTP clients)."""
+
+    def __init__(self) -> None:
+        self._conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=_sink_child, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        if not self._conn.poll(60):
+            self.close()
+            raise TimeoutError("the push sink process did not start")
+        self.url: str = self._conn.recv()
+
+    def clear(self) -> None:
+        self._conn.send(("clear",))
+        self._conn.recv()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Post]:
+        self._conn.send(("wait", count, timeout))
+        got = self._conn.recv()
+        if isinstance(got, Exception):
+            raise got
+        return [Post(*r) for r in got]
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send(("close",))
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def _latencies(posts: list[Post], sent: dict[str, float]) -> list[float]:
     out = []
-    for r in sink.requests:
+    for r in posts:
         t = sent.get(r.body.decode())
         if t is not None:
             out.append(r.at - t)
@@ -149,7 +221,7 @@ def burst_and_paced(quick: bool) -> dict:
     n_paced = int(paced_rate * paced_seconds)
     out: dict = {}
     with temp_dir("notifier") as run_dir:
-        sink = PushSink()
+        sink = ChildSink()
         server = MetadataServer(run_dir, run_dir / "metadata.socket", sink.url)
         server.log_level = "INFO"  # the production default
         try:
@@ -165,15 +237,14 @@ def burst_and_paced(quick: bool) -> dict:
 
             def ours() -> float:
                 """(a) burst; the same users every round (their last job is done)."""
-                with sink._lock:
-                    sink.requests.clear()
+                sink.clear()
                 cpu0 = tree_cpu_seconds(pid)
                 t0 = time.time()
                 sent = _burst(sock, n_burst, SENDERS)
                 t_sent = time.time()
                 reqs = sink.wait_for(n_burst, timeout=120)
                 t_end = max(r.at for r in reqs)
-                lat = _latencies(sink, sent)
+                lat = _latencies(reqs, sent)
                 out["burst"] = {
                     "jobs": n_burst,
                     "rate": n_burst / (t_end - t0),
@@ -186,15 +257,13 @@ def burst_and_paced(quick: bool) -> dict:
 
             def base() -> float:
                 """Raw httpx posts to the same sink from another process."""
-                with sink._lock:
-                    sink.requests.clear()
+                sink.clear()
                 b = run_child(http_baseline, sink.url, WORKERS, n_burst)
                 out["baseline"] = {"rate": b["posts"] / b["elapsed"], "ok": b["ok"]}
                 return out["baseline"]["rate"]
 
             out["rounds"] = alternate(ours, base)
-            with sink._lock:
-                sink.requests.clear()
+            sink.clear()
             # (b) paced
             sent = {}
             first = n_burst
@@ -205,8 +274,7 @@ def burst_and_paced(quick: bool) -> dict:
                 if delay > 0:
                     time.sleep(delay)
                 sent[_token(first + k)] = _messagenew(lmtp, first + k)
-            sink.wait_for(len(sent), timeout=60)
-            lat = _latencies(sink, sent)
+            lat = _latencies(sink.wait_for(len(sent), timeout=60), sent)
             out["paced"] = {
                 "jobs": len(sent),
                 "rate": len(sent) / (max(sent.values()) - min(sent.values())),
@@ -260,7 +328,7 @@ def lmtp_end_to_end(quick: bool) -> dict:
     all_users = [_user(i) for i in range(2 * n + warm)]
     out: dict = {}
     with temp_dir("lmtp") as run_dir:
-        sink = PushSink()
+        sink = ChildSink()
         dovecot = bench_dovecot(run_dir, build, all_users, "shipped")
         metadata = MetadataServer(run_dir, dovecot.metadata_socket, sink.url)
         metadata.log_level = "INFO"  # the production default
@@ -280,8 +348,7 @@ def lmtp_end_to_end(quick: bool) -> dict:
 
             def ours() -> float:
                 """Delivery -> Lua hook -> messagenew -> job -> POST (the same users)."""
-                with sink._lock:
-                    sink.requests.clear()
+                sink.clear()
                 t0 = time.time()
                 elapsed, fails = _deliver_all(dovecot.lmtp_port, list(range(n)), threads)
                 reqs = sink.wait_for(n, timeout=120)

@@ -1,4 +1,4 @@
-"""Group commit of the notifier workers' job writes: one thread, one transaction per batch.
+"""Group commit of the notifier workers' job writes: one transaction per batch.
 
 A push used to cost the workers two write transactions of their own (claim, finish)
 under the database's one write lock: twelve workers queued on it, and each commit
@@ -12,8 +12,9 @@ The durability contract of :mod:`chatmaild.jobstore` holds:
 * :meth:`finish` and :meth:`reschedule` do not wait: the push is already made and
   the job's row is still on disk with its attempt counted, so a ``kill -9`` before
   the next batch commits at worst sends that job once more after the restart (a
-  counted attempt, never a lost job).  The next batch starts as soon as the previous
-  one is committed, so that window is one transaction long.  :meth:`close` writes
+  counted attempt, never a lost job).  The next claim carries them, or the
+  committing thread writes them after :data:`LINGER` (5 ms), so that window is a
+  few milliseconds long.  :meth:`close` writes
   what is still queued.
 
 Once closed (the notifier stopping), an operation is made in its caller's own
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .jobqueue import Job
 from .jobstore import CLAIM, FINISH, RESCHEDULE, JobOp, JobStore
@@ -35,20 +36,31 @@ log = logging.getLogger(__name__)
 # A failed batch is tried again after 0.1 s, doubling to 5 s.
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
+# Finishes with no claim to carry them wait this long for one before they are written.
+LINGER = 0.005
 
 
 @dataclass(slots=True)
 class _Claim:
-    """A claim waiting for its batch to commit."""
+    """A claim waiting for its batch to commit (``done`` is read and set under the lock)."""
 
     job_id: int
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     job: Job | None = None
     error: BaseException | None = None
 
 
 class JobCommitter:
-    """Batches claims, finishes and reschedules of many worker threads into one commit each."""
+    """Batches claims, finishes and reschedules of many worker threads into one commit each.
+
+    Whoever needs a claim while no batch is being written writes the batch itself, in
+    its own thread (the queued finishes and reschedules with it): a thread hand-off
+    per claim cost a worker about as long as its HTTP request.  Claims that arrive
+    while a batch is written wait for it and then the next one is written by one of
+    them (or by the committing thread, which also writes finishes nobody carries and
+    retries failed batches with backoff).  Only one batch is written at a time, on
+    the committer's own connection.
+    """
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
@@ -56,6 +68,8 @@ class JobCommitter:
         self._claims: list[_Claim] = []
         self._ends: list[JobOp] = []  # finishes and reschedules, in the order they came
         self._closed = False
+        self._busy = False  # a batch is being written (by a worker or the thread)
+        self._failing = False  # the last batch failed: only the thread retries, with backoff
         self._thread = threading.Thread(target=self._run, name="notifier-commit", daemon=True)
         #: Transactions committed and operations written (for tests and the bench).
         self.batches = 0
@@ -72,8 +86,22 @@ class JobCommitter:
             if self._closed:
                 return own.claim(job_id)
             self._claims.append(waiter)
-            self._cond.notify()
-        waiter.done.wait()
+            if self._failing:  # the committing thread retries: wake it for this claim
+                self._cond.notify_all()
+            while not waiter.done:
+                if not (self._busy or self._failing):
+                    claims, ends = self._take()
+                    break
+                self._cond.wait()
+            else:
+                return self._result(waiter)
+        error = self._write(claims, ends)
+        if error is not None:
+            _log_failure(len(claims) + len(ends), error, RETRY_FIRST)
+        return self._result(waiter)
+
+    @staticmethod
+    def _result(waiter: _Claim) -> Job | None:
         if waiter.error is not None:
             raise waiter.error
         return waiter.job
@@ -92,7 +120,8 @@ class JobCommitter:
         with self._cond:
             if not self._closed:
                 self._ends.append(op)
-                self._cond.notify()
+                if not self._busy:
+                    self._cond.notify_all()
                 return
         own.apply([op])
 
@@ -101,12 +130,47 @@ class JobCommitter:
         with self._cond:
             return len(self._claims) + len(self._ends)
 
+    # -- writing a batch ------------------------------------------------------
+    def _take(self) -> tuple[list[_Claim], list[JobOp]]:
+        """Everything queued becomes the batch this thread writes (under the lock)."""
+        self._busy = True
+        claims, self._claims = self._claims, []
+        ends, self._ends = self._ends, []
+        return claims, ends
+
+    def _write(self, claims: list[_Claim], ends: list[JobOp]) -> BaseException | None:
+        """Commit one batch and answer its claims; the error if it failed (ends kept)."""
+        # Ends first: a job finished and claimed again in one batch stays finished.
+        ops = ends + [(CLAIM, c.job_id, 0.0, None) for c in claims]
+        try:
+            results = self.store.apply(ops)
+        except Exception as exc:
+            with self._cond:
+                for c in claims:  # the worker puts its job back in the queue
+                    c.error = exc
+                    c.done = True
+                self._ends[:0] = ends  # kept, in order, for the next batch
+                self._busy = False
+                self._failing = True
+                self._cond.notify_all()
+            return exc
+        with self._cond:
+            self.batches += 1
+            self.ops += len(ops)
+            for c, job in zip(claims, results[len(ends) :], strict=True):
+                c.job = job
+                c.done = True
+            self._busy = False
+            self._failing = False
+            self._cond.notify_all()  # the claims answered, and the next batch's writer
+        return None
+
     # -- the committing thread -----------------------------------------------
     def close(self) -> None:
         """Write what is queued, stop the thread and close the store."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join()
         self.store.close()
@@ -115,43 +179,39 @@ class JobCommitter:
         delay = RETRY_FIRST
         while True:
             with self._cond:
-                while not (self._claims or self._ends or self._closed):
-                    self._cond.wait()
+                lingered = False
+                while True:
+                    if self._busy or not (self._claims or self._ends or self._closed):
+                        self._cond.wait()
+                    elif self._ends and not (self._claims or self._closed or lingered):
+                        # Only finishes: the next worker's claim may carry them (one
+                        # transaction per push instead of two); written after LINGER.
+                        lingered = True
+                        self._cond.wait(LINGER)
+                    else:
+                        break
                 if not (self._claims or self._ends):
                     return  # closed, and everything is written
-                claims, self._claims = self._claims, []
-                ends, self._ends = self._ends, []
-            # Ends first: a job finished and claimed again in one batch stays finished.
-            ops = ends + [(CLAIM, c.job_id, 0.0, None) for c in claims]
-            try:
-                results = self.store.apply(ops)
-            except Exception as exc:
-                for c in claims:  # the worker puts its job back in the queue
-                    c.error = exc
-                    c.done.set()
-                with self._cond:
-                    self._ends[:0] = ends  # kept, in order, for the next batch
-                    closed = self._closed
-                    # Stopping: no next batch, so the claims that queued meanwhile fail
-                    # too (their workers would otherwise wait forever).
-                    late, self._claims = (self._claims, []) if closed else ([], self._claims)
-                for c in late:
-                    c.error = exc
-                    c.done.set()
-                log.error(
-                    "notifier cannot write %d job update(s): %s; retrying in %.1f s",
-                    len(ops),
-                    exc,
-                    delay,
-                )
-                if closed:
-                    return  # stopping: the rows stay on disk with their attempts counted
-                threading.Event().wait(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                claims, ends = self._take()
+            error = self._write(claims, ends)
+            if error is None:
+                delay = RETRY_FIRST
                 continue
-            delay = RETRY_FIRST
-            self.batches += 1
-            self.ops += len(ops)
-            for c, job in zip(claims, results[len(ends) :], strict=True):
-                c.job = job
-                c.done.set()
+            with self._cond:
+                closed = self._closed
+                # Stopping: no next batch, so the claims that queued meanwhile fail
+                # too (their workers would otherwise wait forever).
+                late, self._claims = (self._claims, []) if closed else ([], self._claims)
+                for c in late:
+                    c.error = error
+                    c.done = True
+                self._cond.notify_all()
+            _log_failure(len(claims) + len(ends), error, delay)
+            if closed:
+                return  # stopping: the rows stay on disk with their attempts counted
+            threading.Event().wait(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+
+def _log_failure(count: int, exc: BaseException, delay: float) -> None:
+    log.error("notifier cannot write %d job update(s): %s; retrying in %.1f s", count, exc, delay)

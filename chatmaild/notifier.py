@@ -266,13 +266,12 @@ class Notifier:
         job = commits.claim(store, job_id)
         if job is None:
             return  # finished, removed with its token, or never committed
-        digest = token_digest(job.token)
         now = self.clock()
         expired = self.policy.expired(job.deadline, now)
         if job.attempts > self.policy.max_attempts or expired:
             # Claimed after a restart with nothing left: this claim sends nothing.
             why = "deadline passed" if expired else "no attempt left"
-            self._drop(commits, store, job, digest, f"not sent, {why}", job.attempts - 1, why)
+            self._drop(commits, store, job, f"not sent, {why}", job.attempts - 1, why)
             return
         start = time.perf_counter()
         answer = transport.push(job.token)
@@ -280,27 +279,28 @@ class Notifier:
         if answer.outcome is Outcome.SENT:
             commits.finish(store, job.id, PushRecord(SENT, answer.detail, self.clock()))
             self.metrics.sent.inc()
-            log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
+            if log.isEnabledFor(logging.DEBUG):  # the digest only when it is logged
+                digest = token_digest(job.token)
+                log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
         elif answer.outcome is Outcome.GONE:
             gone = PushRecord(GONE, answer.detail, self.clock())
             removed, _ = store.remove_token(job.user, job.token, gone)
             self.metrics.tokens_removed.inc(int(removed))
+            digest = token_digest(job.token)
             log.info("push to %s for %s: token gone (%s), removed", digest, job.user, answer.detail)
         else:
-            self._retry(commits, store, job, digest, answer.detail)
+            self._retry(commits, store, job, answer.detail)
 
-    def _retry(
-        self, commits: JobCommitter, store: JobStore, job: Job, digest: str, detail: str
-    ) -> None:
+    def _retry(self, commits: JobCommitter, store: JobStore, job: Job, detail: str) -> None:
         due = self.policy.next_due(job.attempts, job.deadline, self.clock())
         if due is None:
-            self._drop(commits, store, job, digest, f"failed: {detail}", job.attempts, detail)
+            self._drop(commits, store, job, f"failed: {detail}", job.attempts, detail)
             return
         commits.reschedule(store, job.id, due, PushRecord(RETRIED, detail, self.clock()))
         self.metrics.retried.inc()
         log.warning(
             "push to %s for %s failed: %s; retry %d in %.0f s",
-            digest,
+            token_digest(job.token),
             job.user,
             detail,
             job.attempts,
@@ -313,7 +313,6 @@ class Notifier:
         commits: JobCommitter,
         store: JobStore,
         job: Job,
-        digest: str,
         why: str,
         attempts: int,
         answer: str,
@@ -322,5 +321,9 @@ class Notifier:
         commits.finish(store, job.id, PushRecord(DROPPED, answer, self.clock()))
         self.metrics.dropped.inc()
         log.error(
-            "push to %s for %s %s; dropped after %d attempt(s)", digest, job.user, why, attempts
+            "push to %s for %s %s; dropped after %d attempt(s)",
+            token_digest(job.token),
+            job.user,
+            why,
+            attempts,
         )

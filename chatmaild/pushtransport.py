@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import http.client
 import select
+import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -45,6 +46,8 @@ class _ProxyVerdict(Protocol):
 
 
 USER_AGENT = "chatmail-metadata"
+#: A response head longer than this is an error (a /notify answer is a few lines).
+MAX_HEAD = 65536
 
 
 def answer_for_status(status: int) -> PushAnswer:
@@ -98,7 +101,12 @@ def _failed(exc: Exception) -> PushAnswer:
 
 
 class PlainHttpClient:
-    """POST over one keep-alive HTTP/1.1 connection (``http.client``), reopened when needed.
+    """POST over one keep-alive HTTP/1.1 connection, reopened when needed.
+
+    The request is written in ONE send (head and body in one buffer): ``http.client``
+    sends them in two, which costs a syscall and on loopback a second segment the
+    server has to wait for.  ``http.client`` still opens the connection (host and
+    port as written, its timeout); the response is read by :func:`parse_response_head`.
 
     A connection the server has closed while idle (its keep-alive timeout) is readable
     (EOF) before the next request: it is reopened first, so that request is not lost
@@ -114,26 +122,114 @@ class PlainHttpClient:
         # (``::1`` from ``[::1]``) as host ``:`` and port 1.
         port = parts.port or http.client.HTTP_PORT
         self.conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
-        self.headers = {"User-Agent": USER_AGENT}
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        if port != http.client.HTTP_PORT:
+            host = f"{host}:{port}"
+        # What http.client sent: Host, Accept-Encoding identity, User-Agent, Content-Length.
+        self._head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n"
+            f"User-Agent: {USER_AGENT}\r\nContent-Length: "
+        ).encode("ascii")
+        self._readable = select.poll()
 
-    def _drop_stale(self) -> None:
+    def _open_socket(self) -> socket.socket:
+        """The kept connection, or a new one if there is none or the server closed it."""
         sock = self.conn.sock
-        if sock is not None and select.select([sock], [], [], 0)[0]:
-            self.conn.close()  # EOF (closed by the server) or bytes nobody asked for
+        if sock is not None:
+            # A poll object kept per connection: one poll(0) syscall, not select()'s lists.
+            # (A peek with MSG_DONTWAIT would wait for the socket's timeout first.)
+            if not self._readable.poll(0):
+                return sock
+            self.conn.close()  # EOF (closed by the server), an error, or unasked-for bytes
+        self.conn.connect()
+        sock = self.conn.sock
+        assert sock is not None
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        return sock
 
     def push(self, token: str) -> PushAnswer:
-        self._drop_stale()
+        body = token.encode()
         try:
-            self.conn.request("POST", self.path, token.encode(), self.headers)
-            response = self.conn.getresponse()
-            response.read()
+            sock = self._open_socket()
+            sock.sendall(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
+            status, keep = _read_response(sock)
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
             return _failed(exc)
-        return answer_for_status(response.status)
+        if not keep:
+            self.conn.close()
+        return answer_for_status(status)
 
     def close(self) -> None:
         self.conn.close()
+
+
+class ResponseHead(NamedTuple):
+    status: int
+    #: The body's length, or None when it is not framed by Content-Length (chunked,
+    #: or until the server closes): the connection is then not reused.
+    length: int | None
+    keep_alive: bool
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """An HTTP/1.x response's status line and headers (without the blank line).
+
+    Only what the transport needs: the status, Content-Length and whether the
+    connection stays open; ``http.client`` parsed every header through the email
+    package, about as much CPU as the rest of a push.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise http.client.BadStatusLine(lines[0].decode("latin-1")[:80])
+    length: int | None = None
+    keep = parts[0] == b"HTTP/1.1"
+    chunked = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise http.client.HTTPException(f"bad header line {line[:80]!r}")
+        name = name.strip().lower()
+        value = value.strip().lower()
+        if name == b"content-length":
+            if not value.isdigit():
+                raise http.client.HTTPException(f"bad Content-Length {value[:20]!r}")
+            length = int(value)
+        elif name == b"connection":
+            keep = value == b"keep-alive" if not keep else b"close" not in value
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked:
+        length = None
+    return ResponseHead(int(parts[1]), length, keep and length is not None)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bool]:
+    """Read one response (skipping 1xx); its status and whether the connection is reusable."""
+    buf = b""
+    while True:
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > MAX_HEAD:
+                raise http.client.HTTPException("response head too long")
+            data = sock.recv(65536)
+            if not data:
+                raise http.client.RemoteDisconnected("closed without a response")
+            buf += data
+        head = parse_response_head(buf[:end])
+        buf = buf[end + 4 :]
+        if not 100 <= head.status < 200:
+            break
+    if head.length is None:
+        return head.status, False  # the body is not needed; the connection is dropped
+    while len(buf) < head.length:
+        data = sock.recv(65536)
+        if not data:
+            raise http.client.IncompleteRead(buf)
+        buf += data
+    # Bytes after the body nobody asked for: the connection is not reused.
+    return head.status, head.keep_alive and len(buf) == head.length
 
 
 class EmbeddedPushTransport:
