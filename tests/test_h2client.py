@@ -495,7 +495,7 @@ def _h2_pair(max_streams: int | None = None):
 REQUEST_HEADERS = [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/")]
 
 
-def test_stream_table_stays_bounded_without_a_walk_per_request():
+async def test_stream_table_stays_bounded_without_a_walk_per_request():
     """The cheap open-stream count still lets h2 drop closed streams now and then."""
     client, server = _h2_pair()
     for _ in range(1000):
@@ -508,7 +508,7 @@ def test_stream_table_stays_bounded_without_a_walk_per_request():
     assert h2.connection.H2Connection.open_outbound_streams.fget(client) == 0  # the true count
 
 
-def test_the_peers_stream_limit_is_still_enforced_by_h2():
+async def test_the_peers_stream_limit_is_still_enforced_by_h2():
     client, server = _h2_pair(max_streams=100)
     for _ in range(100):
         client.send_headers(client.get_next_available_stream_id(), REQUEST_HEADERS)
