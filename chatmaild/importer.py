@@ -229,9 +229,12 @@ def read_queue_file(path: Path) -> tuple[str, int, str]:
     """``(addr, start_ts, token)`` of one upstream queue file; raise CorruptFile."""
     try:
         addr, start_ts, token = path.read_bytes().decode("utf-8").split("\n", 2)
-        started = int(start_ts)
-    except (OSError, ValueError) as exc:  # too few lines, not UTF-8, not an integer
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, too few lines
         raise CorruptFile(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    try:
+        started = int(start_ts)
+    except ValueError:  # int()'s message quotes the line, which may be a token
+        raise CorruptFile(f"line 2 is not a start time ({len(start_ts)} chars)") from None
     if not addr or _valid_token(token) is None:
         raise CorruptFile("no address or no usable token")
     return addr, started, token

@@ -290,3 +290,16 @@ def test_console_script(tmp_path, mailboxes):
     assert "1 skipped future" in proc.stdout
     proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "--dry-run" in proc.stdout
+
+
+def test_a_queue_file_with_a_token_where_the_time_belongs_never_logs_the_token(tmp_path, caplog):
+    """A queue file is ``addr\\nstart_ts\\ntoken``; a broken one may hold the token on line 2."""
+    from chatmaild.importer import CorruptFile, read_queue_file
+
+    path = tmp_path / "broken"
+    secret = "fcm-chat.delta:SECRETTOKENBYTES"
+    path.write_text(f"alice@example.org\n{secret}\n")
+    with pytest.raises(CorruptFile) as info:
+        read_queue_file(path)
+    assert "SECRETTOKENBYTES" not in str(info.value)
+    assert "time" in str(info.value)  # still says what is wrong
