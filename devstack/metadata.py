@@ -94,10 +94,7 @@ class MetadataServer(LogFile):
         self.stop()
         self._generation += 1
         self.db_path = self.run_dir / f"metadata-{self._generation}.sqlite3"
-        self.params = _strings(params)
-        self.metadata = _strings(metadata)
-        self.notifiers = _strings(notifiers)
-        self.start()
+        self.restart(params or {}, metadata or {}, notifiers or {})
 
     def start(self) -> None:
         """Start the process and wait until its socket accepts connections."""
