@@ -383,3 +383,19 @@ def test_metrics_port_taken_is_a_one_line_error_before_any_push(tmp_path):
     assert_clean_error(proc, f"--metrics 127.0.0.1:{port}")
     assert "notifier started" not in proc.stderr  # nothing was pushed first
     assert not (tmp_path / "metadata.socket").exists()
+
+
+@pytest.mark.parametrize(
+    "line", ["host = 0.0.0.0", "port = 9100", "body-limit = 4096", "log_level = DEBUG"]
+)
+def test_embedded_proxy_refuses_a_standalone_only_option_in_one_line(tmp_path, line):
+    """The embedded proxy has no HTTP API and logs at chatmail-metadata's level: an option
+    that would do nothing there is refused at start, naming it, not silently ignored."""
+    (tmp_path / "mb").mkdir()
+    extra = f"[metadata]\nnotify_url = embedded\n[notifiers]\nlog_provider = true\n{line}\n"
+    ini = write_ini(tmp_path, tmp_path / "mb", extra)
+    proc = run([tmp_path / "metadata.socket", ini])
+    key = line.split(" ", 1)[0].replace("-", "_")
+    assert_clean_error(proc, f"[notifiers] of {ini}): {key}: ")
+    assert "notifier started" not in proc.stderr
+    assert not (tmp_path / "metadata.socket").exists()
