@@ -37,6 +37,15 @@ class TokenPolicy:
         return now - self.validity, now + self.future_guard
 
 
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One setting of a token (:meth:`MetadataStore.registration`)."""
+
+    rowid: int
+    created: int
+    touched: int
+
+
 class MetadataStore:
     """Generic attributes (``priv/...``, ``shared/...``) and device tokens per user."""
 
@@ -176,6 +185,19 @@ class MetadataStore:
             "SELECT 1 FROM tokens WHERE user=? AND token=?", (user, token)
         ).fetchone()
         return kept is not None
+
+    def registration(self, user: str, token: str) -> Registration | None:
+        """Which setting of ``token`` is stored now (None if it is not stored).
+
+        Why: a push answered GONE must delete the registration it was sent to, not one
+        the device made while the push was out.  Every set changes ``touched`` (the
+        user's sequence), and a row removed and added again gets a new ``created`` or
+        ``rowid``, so two registrations are equal only if no set came between them.
+        """
+        row = self.conn.execute(
+            "SELECT rowid, created, touched FROM tokens WHERE user=? AND token=?", (user, token)
+        ).fetchone()
+        return None if row is None else Registration(*row)
 
     def remove_token(self, user: str, token: str) -> bool:
         cur = self.conn.execute("DELETE FROM tokens WHERE user=? AND token=?", (user, token))
