@@ -40,6 +40,7 @@ from .relaymetrics import RelayMetrics
 from .serverkeys import ServerKeys
 from .servicerow import ServiceRow, announce, mark_stopped
 from .store import MetadataStore
+from .tokensweep import TokenSweeper
 
 log = logging.getLogger("chatmail-metadata")
 
@@ -154,8 +155,10 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
     metrics = RelayMetrics()
     proxy = notifier = None
     checkpointer = Checkpointer(config.database_path)
+    sweeper = TokenSweeper(config.database_path, config.synchronous)
     try:
         checkpointer.start()
+        sweeper.start()
         announce(conn, _service_row(config, args))  # with the socket: status can find both
         if args.metrics:  # before the notifier, so a taken port sends nothing
             try:
@@ -185,6 +188,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
             await asyncio.to_thread(notifier.stop)
         if proxy is not None:
             await asyncio.to_thread(proxy.stop)
+        sweeper.stop()
         checkpointer.stop()
         conn.close()
         if not fds:

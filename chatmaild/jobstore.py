@@ -29,7 +29,7 @@ from pathlib import Path
 from .database import Writer, connect
 from .jobqueue import Job, RetryPolicy
 from .outcomelog import PushRecord, record
-from .store import MetadataStore
+from .store import MetadataStore, Registration
 
 _JOB_COLUMNS = "id, user, token, deadline, due, attempts"
 
@@ -120,16 +120,35 @@ class JobStore:
                 results.append(job)
         return results
 
+    def registration(self, user: str, token: str) -> Registration | None:
+        """The token's registration now: what a GONE for the push about to go out removes."""
+        return self._tokens.registration(user, token)
+
     def remove_token(
-        self, user: str, token: str, outcome: PushRecord | None = None
+        self,
+        user: str,
+        token: str,
+        outcome: PushRecord | None = None,
+        sent_to: tuple[int, Registration | None] | None = None,
     ) -> tuple[bool, int]:
         """410: delete exactly that token of that user and every job still owed to it.
 
-        True if the token was still stored, and the number of jobs deleted.
+        ``sent_to`` (job id, the registration the push went to): if the device set the
+        token again since, that fresh registration and its jobs stay; only the job is
+        done.  True if the token was removed, and the number of jobs deleted.
         """
         with self._writer.transaction() as conn:
-            removed = self._tokens.remove_token(user, token)
-            jobs = conn.execute("DELETE FROM jobs WHERE user=? AND token=?", (user, token)).rowcount
+            if sent_to is not None and self._tokens.registration(user, token) not in (
+                None,
+                sent_to[1],
+            ):
+                removed = False
+                jobs = conn.execute("DELETE FROM jobs WHERE id=?", (sent_to[0],)).rowcount
+            else:
+                removed = self._tokens.remove_token(user, token)
+                jobs = conn.execute(
+                    "DELETE FROM jobs WHERE user=? AND token=?", (user, token)
+                ).rowcount
             if outcome is not None:
                 record(conn, outcome)
         return removed, jobs

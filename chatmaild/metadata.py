@@ -39,6 +39,48 @@ from .store import MetadataStore
 
 log = logging.getLogger(__name__)
 
+
+class StorageEpisode:
+    """Commits failing for a storage error (a full disk), logged once per episode.
+
+    Why: every commit on a full disk fails the same way, and Dovecot retries; one ERROR
+    per refused commit floods the journal on the very disk that is full.  The first
+    failure is one ERROR, the rest are counted, and the first commit that works again
+    ends the episode with one INFO line saying how long it lasted and how many were
+    refused.  Each refused commit is still answered ``F``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started: float | None = None
+        self.refused = 0
+
+    @property
+    def ongoing(self) -> bool:
+        return self.started is not None
+
+    def failed(self, user: str, exc: sqlite3.Error) -> None:
+        self.refused += 1
+        if self.started is None:
+            self.started = self.clock()
+            log.error(
+                "commit failed for %s: %s; commits are refused (F) until storage works, "
+                "logged again then",
+                clip(user),
+                exc,
+            )
+
+    def worked(self) -> None:
+        if self.started is None:
+            return
+        log.info(
+            "commits work again after %.1f s: %d commits refused for a storage error",
+            self.clock() - self.started,
+            self.refused,
+        )
+        self.started, self.refused = None, 0
+
+
 DEVICETOKEN = b"devicetoken"
 MESSAGENEW = b"messagenew"
 MAX_TOKEN_BYTES = 4096
@@ -93,6 +135,7 @@ class MetadataDict:
         self.clock = clock
         # Log lines (format, args) of the transaction being applied, logged once it commits.
         self._after_commit: list[tuple[str, tuple[object, ...]]] = []
+        self.storage_episode = StorageEpisode()
 
     # -- lookups ----------------------------------------------------------
     def lookup(self, ev: dp.Lookup) -> dp.LookupReply | Awaitable[dp.LookupReply]:
@@ -162,6 +205,7 @@ class MetadataDict:
             self._rolled_back()
             raise
         self._log_committed()
+        self.storage_episode.worked()
         if new_mail and self.hook is not None:
             self.hook.committed()
         if notfound:
@@ -199,7 +243,7 @@ class MetadataDict:
             )
             return dp.Failure(str(exc))
         if isinstance(exc, sqlite3.Error):
-            log.error("commit failed for %s: %s", clip(ev.user), exc)
+            self.storage_episode.failed(ev.user, exc)
             return dp.Failure(f"storage error: {exc}")
         log.error("error handling Commit", exc_info=exc)
         return dp.Failure(f"internal error: {exc}")
@@ -231,7 +275,8 @@ class MetadataDict:
             except Exception as exc:
                 self._rolled_back()
                 if failed is None:  # BEGIN or COMMIT failed: nobody's fault, one at a time
-                    log.warning("group commit of %d failed (%s): one at a time", len(todo), exc)
+                    if not self.storage_episode.ongoing:  # else the episode's line says it
+                        log.warning("group commit of %d failed (%s): one at a time", len(todo), exc)
                     for i in todo:
                         try:
                             replies[i] = self.commit(evs[i])
@@ -243,6 +288,7 @@ class MetadataDict:
                 todo.remove(i)
                 continue
             self._log_committed()
+            self.storage_episode.worked()
             if any(new_mail for _nf, new_mail in outcomes) and self.hook is not None:
                 self.hook.committed()
             for i, (notfound, _nm) in zip(todo, outcomes, strict=True):

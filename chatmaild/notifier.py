@@ -273,6 +273,7 @@ class Notifier:
             why = "deadline passed" if expired else "no attempt left"
             self._drop(commits, store, job, f"not sent, {why}", job.attempts - 1, why)
             return
+        sent_to = job.id, store.registration(job.user, job.token)  # a GONE removes only it
         start = time.perf_counter()
         answer = transport.push(job.token)
         self.metrics.latency.observe(time.perf_counter() - start)
@@ -284,10 +285,13 @@ class Notifier:
                 log.debug("push to %s for %s sent (attempt %d)", digest, job.user, job.attempts)
         elif answer.outcome is Outcome.GONE:
             gone = PushRecord(GONE, answer.detail, self.clock())
-            removed, _ = store.remove_token(job.user, job.token, gone)
+            removed, _ = store.remove_token(job.user, job.token, gone, sent_to)
             self.metrics.tokens_removed.inc(int(removed))
             digest = token_digest(job.token)
-            log.info("push to %s for %s: token gone (%s), removed", digest, job.user, answer.detail)
+            done = "removed" if removed else "kept (set again during the push, or already gone)"
+            log.info(
+                "push to %s for %s: token gone (%s), %s", digest, job.user, answer.detail, done
+            )
         else:
             self._retry(commits, store, job, answer.detail)
 

@@ -5,7 +5,8 @@ Pure data access: no protocol, no key parsing, and every SQL statement on the
 inside a transaction opened with :meth:`MetadataStore.transaction`, so one dict
 commit is one SQLite transaction.  Reads never write: expired tokens are filtered
 out by the query and deleted by :meth:`MetadataStore.prune_tokens` in a commit,
-so a lookup on the event loop never waits for the write lock.
+so a lookup on the event loop never waits for the write lock; those nobody's commit
+touches again are swept out by :mod:`chatmaild.tokensweep`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class TokenPolicy:
     def window(self, now: int) -> tuple[int, int]:
         """Valid ``set_at`` lie strictly between these two (the SQL form of :meth:`is_valid`)."""
         return now - self.validity, now + self.future_guard
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One setting of a token (:meth:`MetadataStore.registration`)."""
+
+    rowid: int
+    created: int
+    touched: int
 
 
 class MetadataStore:
@@ -176,6 +186,19 @@ class MetadataStore:
         ).fetchone()
         return kept is not None
 
+    def registration(self, user: str, token: str) -> Registration | None:
+        """Which setting of ``token`` is stored now (None if it is not stored).
+
+        Why: a push answered GONE must delete the registration it was sent to, not one
+        the device made while the push was out.  Every set changes ``touched`` (the
+        user's sequence), and a row removed and added again gets a new ``created`` or
+        ``rowid``, so two registrations are equal only if no set came between them.
+        """
+        row = self.conn.execute(
+            "SELECT rowid, created, touched FROM tokens WHERE user=? AND token=?", (user, token)
+        ).fetchone()
+        return None if row is None else Registration(*row)
+
     def remove_token(self, user: str, token: str) -> bool:
         cur = self.conn.execute("DELETE FROM tokens WHERE user=? AND token=?", (user, token))
         return cur.rowcount > 0
@@ -210,6 +233,29 @@ class MetadataStore:
             "DELETE FROM tokens WHERE user=? AND (set_at<=? OR set_at>=?)",
             (user, *self.policy.window(now)),
         ).rowcount
+
+    def prune_expired_batch(self, after_rowid: int, limit: int, now: int) -> tuple[int, int]:
+        """Inside a transaction: look at the next ``limit`` token rows after ``after_rowid``
+        (rowid order, so the work is bounded whatever expired) and delete the invalid
+        ones of any user; (the rowid to continue after, 0 once the end was reached;
+        how many went).
+
+        Why: :meth:`add_token`'s refresh and :meth:`tokens_to_push` prune only the user
+        at hand, so the tokens of a user who neither sets a token nor gets mail again
+        would stay forever; :mod:`chatmaild.tokensweep` walks the table with this.
+        """
+        count, last = self.conn.execute(
+            "SELECT count(*), max(rowid) FROM"
+            " (SELECT rowid FROM tokens WHERE rowid>? ORDER BY rowid LIMIT ?)",
+            (after_rowid, limit),
+        ).fetchone()
+        if not count:
+            return 0, 0
+        deleted = self.conn.execute(
+            "DELETE FROM tokens WHERE rowid>? AND rowid<=? AND (set_at<=? OR set_at>=?)",
+            (after_rowid, last, *self.policy.window(now)),
+        ).rowcount
+        return (last if count == limit else 0), deleted
 
 
 def _prefix_upper_bound(prefix: bytes) -> bytes | None:

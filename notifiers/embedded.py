@@ -27,7 +27,7 @@ from chatmail_common.outcome import Outcome
 from .app import make_metrics_app, start_listener
 from .build import build_service
 from .service import NotifyResult, NotifyService
-from .settings import ProxySettings, settings_from_mapping
+from .settings import ProxySettings, embedded_settings_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,10 @@ TIMED_OUT = NotifyResult(Outcome.RETRY, "embedded proxy timed out")
 
 def start_embedded(options: Mapping[str, str]) -> EmbeddedProxy:
     """Parse ``[notifiers]`` ini options and start a proxy; ValueError or
-    ProviderConfigError (one line) when they are wrong, OSError naming the
-    address when the metrics listener cannot start."""
-    proxy = EmbeddedProxy(settings_from_mapping(options))
+    ProviderConfigError (one line) when they are wrong or name an option that does
+    nothing here (``port``: there is no HTTP API), OSError naming the address when
+    the metrics listener cannot start."""
+    proxy = EmbeddedProxy(embedded_settings_from_mapping(options))
     proxy.start()
     return proxy
 

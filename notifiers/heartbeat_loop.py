@@ -89,7 +89,8 @@ class Heartbeats:
         self._capacity = workers * TAKEN_PER_WORKER
         self._thread = concurrent.futures.ThreadPoolExecutor(1, "heartbeat-db")
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._taken: set[str] = set()
+        # token -> the due time it had when taken: a GONE removes it only if still so
+        self._taken: dict[str, float] = {}
         self._verdicts: list[tuple[str, float | None]] = []
         self._verdicts_ready = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -124,7 +125,7 @@ class Heartbeats:
         self._tasks.clear()
         try:
             if self._verdicts:
-                await self._run(self.store.apply, self._verdicts)
+                await self._run(self.store.apply, self._verdicts, dict(self._taken))
                 self._verdicts = []
             await self._run(self.store.close)
         except HeartbeatStoreError as exc:
@@ -190,8 +191,8 @@ class Heartbeats:
             except HeartbeatStoreError as exc:
                 log.error("%s", exc)
                 batch, later = [], now + WRITE_RETRY_DELAY
-            for token, _ in batch:
-                self._taken.add(token)
+            for token, due in batch:
+                self._taken[token] = due
                 self._queue.put_nowait(token)
             if len(batch) == room:
                 continue  # maybe more are due
@@ -257,14 +258,15 @@ class Heartbeats:
             if not batch:
                 continue
             try:
-                await self._run(self.store.apply, batch)
+                await self._run(self.store.apply, batch, dict(self._taken))
             except HeartbeatStoreError as exc:
                 log.error("%s; retrying", exc)
                 self._verdicts[:0] = batch
                 await asyncio.sleep(WRITE_RETRY_DELAY)
                 self._verdicts_ready.set()
                 continue
-            self._taken.difference_update(token for token, _ in batch)
+            for token, _ in batch:
+                self._taken.pop(token, None)
             self.metrics.heartbeat_tokens.set(self.store.count)
             self.wake()
 

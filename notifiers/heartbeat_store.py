@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -106,21 +106,37 @@ class HeartbeatStore:
             ).fetchone()
         return None if row is None else row[0]
 
-    def apply(self, verdicts: Iterable[tuple[str, float | None]]) -> int:
+    def apply(
+        self,
+        verdicts: Iterable[tuple[str, float | None]],
+        taken: Mapping[str, float] | None = None,
+    ) -> int:
         """Write back a batch of verdicts in one transaction: a due time reschedules the
-        token, None removes it.  Returns how many tokens were removed."""
+        token, None removes it.  Returns how many tokens were removed.
+
+        ``taken``: the due time each token had when it was taken for its send.  A
+        removal of such a token happens only if the due time is still that one: a
+        ``/register`` during the send moved it, and that fresh registration stays.
+        """
+        taken = taken or {}
         reschedule: list[tuple[float, str]] = []
         remove: list[tuple[str]] = []
+        remove_if_due: list[tuple[str, float]] = []
         for token, due in verdicts:
-            if due is None:
-                remove.append((token,))
-            else:
+            if due is not None:
                 reschedule.append((due, token))
+            elif token in taken:
+                remove_if_due.append((token, taken[token]))
+            else:
+                remove.append((token,))
         with self._errors(), self._transaction():
             # UPDATE, not upsert: a token removed meanwhile stays removed.
             self._db.executemany("UPDATE heartbeats SET due = ? WHERE token = ?", reschedule)
             before = self._db.total_changes
             self._db.executemany("DELETE FROM heartbeats WHERE token = ?", remove)
+            self._db.executemany(
+                "DELETE FROM heartbeats WHERE token = ? AND due = ?", remove_if_due
+            )
             removed = self._db.total_changes - before
         self._count -= removed
         return removed

@@ -210,6 +210,11 @@ def refused_on_argv(options: Iterable[Option], given: Mapping[str, Any]) -> str 
     return None
 
 
+def ini_key(raw_key: str) -> str:
+    """The option name an ini key means: case and ``-``/``_`` do not matter."""
+    return raw_key.strip().lower().replace("-", "_")
+
+
 def parse_values(
     options: Iterable[Option], values: Mapping[str, str], env: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -224,7 +229,7 @@ def parse_values(
     by_key.update({option.file_key: option for option in options if option.secret})
     parsed: dict[str, Any] = {}
     for raw_key, raw_value in values.items():
-        key = raw_key.strip().lower().replace("-", "_")
+        key = ini_key(raw_key)
         option = by_key.get(key)
         if option is None:
             raise ValueError(_unknown(raw_key, key, by_key))

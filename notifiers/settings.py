@@ -41,6 +41,7 @@ from .options import (
     Option,
     add_arguments,
     host_port,
+    ini_key,
     integer,
     log_level,
     number,
@@ -58,6 +59,7 @@ __all__ = [
     "LimitSettings",
     "ProxySettings",
     "build_parser",
+    "embedded_settings_from_mapping",
     "settings_from_args",
     "settings_from_mapping",
 ]
@@ -203,6 +205,35 @@ def settings_from_mapping(
     if parsed.get("forward_all") and not parsed.get("upstream_url"):
         raise ValueError("forward_all: needs upstream_url (where to forward to)")
     return ProxySettings(**parsed)
+
+
+_NO_HTTP_API = "the embedded proxy has no HTTP API (chatmail-metadata calls it in-process)"
+
+#: Options of the ``notifiers`` program that would do nothing inside ``chatmail-metadata``,
+#: with the reason.  ``metrics``, ``keepalive_timeout`` and ``read_timeout`` do work there
+#: (they configure the metrics listener), as do ``db`` and ``interval`` (heartbeats).
+NOT_EMBEDDED: dict[str, str] = {
+    "host": _NO_HTTP_API,
+    "port": _NO_HTTP_API,
+    "body_limit": _NO_HTTP_API,
+    "log_level": "the embedded proxy logs at chatmail-metadata's --log-level",
+}
+
+
+def embedded_settings_from_mapping(
+    values: Mapping[str, str], env: Mapping[str, str] | None = None
+) -> ProxySettings:
+    """:func:`settings_from_mapping` for the embedded proxy (``[notifiers]`` of chatmail.ini).
+
+    Why: an operator who writes ``port = 9100`` expects a listener there; an option
+    the embedded proxy cannot honour is refused (ValueError naming the key) rather than
+    read and silently ignored.
+    """
+    for raw_key in values:
+        key = ini_key(raw_key)
+        if key in NOT_EMBEDDED:
+            raise ValueError(f"{key}: not used, {NOT_EMBEDDED[key]}; remove it from [notifiers]")
+    return settings_from_mapping(values, env)
 
 
 def build_parser() -> argparse.ArgumentParser:

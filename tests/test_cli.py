@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from helpers_chatmaild import ALICE, priv
 
+from chatmaild.database import connect
+from chatmaild.store import TOKEN_VALIDITY, MetadataStore
 from devstack.process import stop_and_collect
 
 VENV_BIN = Path(sys.executable).parent
@@ -383,3 +385,59 @@ def test_metrics_port_taken_is_a_one_line_error_before_any_push(tmp_path):
     assert_clean_error(proc, f"--metrics 127.0.0.1:{port}")
     assert "notifier started" not in proc.stderr  # nothing was pushed first
     assert not (tmp_path / "metadata.socket").exists()
+
+
+@pytest.mark.parametrize(
+    "line", ["host = 0.0.0.0", "port = 9100", "body-limit = 4096", "log_level = DEBUG"]
+)
+def test_embedded_proxy_refuses_a_standalone_only_option_in_one_line(tmp_path, line):
+    """The embedded proxy has no HTTP API and logs at chatmail-metadata's level: an option
+    that would do nothing there is refused at start, naming it, not silently ignored."""
+    (tmp_path / "mb").mkdir()
+    extra = f"[metadata]\nnotify_url = embedded\n[notifiers]\nlog_provider = true\n{line}\n"
+    ini = write_ini(tmp_path, tmp_path / "mb", extra)
+    proc = run([tmp_path / "metadata.socket", ini])
+    key = line.split(" ", 1)[0].replace("-", "_")
+    assert_clean_error(proc, f"[notifiers] of {ini}): {key}: ")
+    assert "notifier started" not in proc.stderr
+    assert not (tmp_path / "metadata.socket").exists()
+
+
+def token_rows(db: Path) -> set[tuple[str, str]]:
+    conn = connect(db)
+    try:
+        return set(conn.execute("SELECT user, token FROM tokens"))
+    finally:
+        conn.close()
+
+
+def test_service_prunes_an_expired_token_nobody_refreshes_or_mails(tmp_path):
+    """A token past its 90 days whose user never sets a token again and never gets mail
+    must not stay in the table forever: the running service sweeps it out."""
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb", "[metadata]\nnotify_url = off\n")
+    db = tmp_path / "metadata.sqlite3"
+    conn = connect(db)
+    store = MetadataStore(conn)
+    now = int(time.time())
+    with store.transaction():
+        store.add_token("gone@example.org", "old-token", now - TOKEN_VALIDITY - 3600)
+        store.add_token(ALICE, "live-token", now - 3600)
+    conn.close()
+    notify, env = notify_listener(tmp_path)
+    proc = subprocess.Popen(
+        [*command(), str(tmp_path / "metadata.socket"), str(ini), "--db", str(db)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with killed_if_left_running(proc), contextlib.closing(notify):
+        assert b"READY=1" in notify.recv(4096)
+        deadline = time.monotonic() + 20
+        while ("gone@example.org", "old-token") in token_rows(db):
+            assert time.monotonic() < deadline, "the expired token is still stored"
+            time.sleep(0.1)
+        assert token_rows(db) == {(ALICE, "live-token")}
+        _, err = stop_and_collect(proc, 20)
+    assert proc.returncode == 0, err

@@ -84,6 +84,15 @@ def new_mail(server: MetadataServer) -> bytes:
     return reply
 
 
+def start_then_fill(server: MetadataServer, disk: Path) -> Path:
+    """Start ``server``, store one value, then fill ``disk``; the filler file."""
+    server.start()
+    assert commit(server, 1) == b"O1"
+    filler = disk / "filler"
+    fill(filler)
+    return filler
+
+
 def job_count(db: Path) -> int:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
@@ -140,15 +149,39 @@ def test_a_service_restarted_on_a_full_disk_serves_what_it_has(
     server = MetadataServer(tmp_path, tmp_path / "metadata.socket", "off")
     server.db_path = small_disk / "metadata.sqlite3"
     try:
-        server.start()
-        assert commit(server, 1) == b"O1"
-        filler = small_disk / "filler"
-        fill(filler)
+        start_then_fill(server, small_disk)
         server.kill() if how == "kill" else server.stop()
         offset = server.log_size()
         server.start()
         assert lookup(server, 1) == b"O" + value(1)
         assert commit(server, 2).startswith(b"F1\t")
         assert "Traceback" not in server.log_since(offset)
+    finally:
+        server.stop()
+
+
+def test_a_full_disk_is_one_error_line_per_episode_and_a_summary(tmp_path: Path, small_disk: Path):
+    """Every refused commit is answered F, but the log gets one ERROR when the episode
+    starts and one line with the count once a commit works again, not a line per commit."""
+    server = MetadataServer(tmp_path, tmp_path / "metadata.socket", "off")
+    server.log_level = "INFO"
+    server.db_path = small_disk / "metadata.sqlite3"
+    try:
+        filler = start_then_fill(server, small_disk)
+        offset = server.log_size()
+        refused = 12
+        for n in range(100, 100 + refused):
+            assert commit(server, n).startswith(b"F1\t")
+        during = server.log_since(offset)
+        errors = [line for line in during.splitlines() if " ERROR chatmaild.metadata:" in line]
+        assert len(errors) == 1, during
+        filler.unlink()
+        offset = server.log_size()
+        assert commit(server, 200) == b"O1"
+        assert commit(server, 201) == b"O1"
+        after = [line for line in server.log_since(offset).splitlines() if "metadata:" in line]
+        summaries = [line for line in after if f"{refused} commits refused" in line]
+        assert len(summaries) == 1, after
+        assert " INFO " in summaries[0]
     finally:
         server.stop()

@@ -35,9 +35,10 @@ from notifiers.heartbeat_loop import Heartbeats
 from notifiers.heartbeat_store import HeartbeatStore, HeartbeatStoreError
 from notifiers.metrics import ProxyMetrics
 from notifiers.providers.apns import BACKGROUND_PAYLOAD, ApnsProvider
+from notifiers.providers.base import Delivery
 from notifiers.service import NotifyService
 from notifiers.settings import ProxySettings, settings_from_args, settings_from_mapping
-from notifiers.tokens import parse_token
+from notifiers.tokens import Kind, parse_token
 
 INTERVAL = 1200.0
 T0 = 1_800_000_000.0
@@ -493,3 +494,48 @@ def test_notifiers_program_sends_heartbeats_and_refuses_a_sled_db(tmp_path):
     assert device(1) not in err
     with pytest.raises(urllib.error.URLError):
         _get(metrics)
+
+
+class RegisteredAgainDuringTheSend:
+    """An APNs stand-in answering ``Unregistered`` after the device called /register
+    again while the heartbeat was out (the interleaving the removal races)."""
+
+    def __init__(self) -> None:
+        self.beats: Heartbeats | None = None
+
+    async def send(self, push) -> Delivery:
+        assert self.beats is not None
+        await self.beats.register(parse_token(push.raw))
+        return Delivery(Outcome.GONE, "410", "Unregistered")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_gone_heartbeat_keeps_a_registration_made_during_the_send(tmp_path):
+    path = tmp_path / "heartbeats.sqlite3"
+    clock = Clock()
+    provider = RegisteredAgainDuringTheSend()
+    beats = Heartbeats(
+        HeartbeatStore(path),
+        HeartbeatPolicy(INTERVAL, lambda a, b: 0.0),
+        {Kind.APNS: provider},
+        ProxyMetrics(),
+        workers=1,
+        clock=clock,
+    )
+    provider.beats = beats
+    await beats.register(parse_token(device(1)))
+    await beats.start()
+    clock.now = T0 + INTERVAL + 100
+    beats.wake()
+    failures = "notification_failures_total"
+    labels = {"provider": "APNS", "reason": "410", "details": "Unregistered"}
+    await until(lambda: sample(beats.metrics, failures, **labels) == 1, "the GONE")
+    await beats.aclose()  # every verdict made is written
+    store = HeartbeatStore(path)
+    try:
+        assert store.due_time(device(1)) == clock.now + INTERVAL  # the new registration's
+    finally:
+        store.close()

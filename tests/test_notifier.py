@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from chatmail_common.outcome import Outcome
 from chatmaild import dictproto as dp
 from chatmaild.config import read_config
 from chatmaild.database import connect
@@ -15,7 +16,7 @@ from chatmaild.jobqueue import RetryPolicy
 from chatmaild.jobstore import JobStore
 from chatmaild.metadata import MetadataDict
 from chatmaild.notifier import Notifier
-from chatmaild.pushtransport import HttpPushTransport
+from chatmaild.pushtransport import HttpPushTransport, PushAnswer
 from chatmaild.serverkeys import ServerKeys
 from chatmaild.store import MetadataStore
 from devstack.loopback import free_port
@@ -284,3 +285,40 @@ def test_rolled_back_commit_queues_nothing(relay: Relay, sink: PushSink) -> None
     sink.wait_for(1)
     time.sleep(0.1)
     assert len(sink.requests) == 1
+
+
+class ReRegisteredDuringPush:
+    """Answers GONE to the first push, after the device registered the same token again
+    and new mail arrived while that push was out (the interleaving the removal races)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pushes: list[str] = []
+
+    def push(self, token: str) -> PushAnswer:
+        self.pushes.append(token)
+        if len(self.pushes) > 1:
+            return PushAnswer(Outcome.SENT, "200")
+        self.relay.add_token(token)
+        assert self.relay.new_mail().startswith(b"O")
+        return PushAnswer(Outcome.GONE, "410")
+
+    def close(self) -> None:
+        pass
+
+
+def test_gone_keeps_a_token_registered_again_during_the_push(tmp_path: Path) -> None:
+    relay = Relay(tmp_path, "http://127.0.0.1:9/notify")
+    transport = ReRegisteredDuringPush(relay)
+    relay.notifier = Notifier(lambda: JobStore.open(relay.db_path), lambda: transport, 2, FAST)
+    relay.backend.hook = relay.notifier
+    relay.notifier.start()
+    try:
+        relay.add_token("tok")
+        relay.new_mail()
+        wait_until(lambda: relay.jobs() == 0)
+        assert relay.tokens() == ["tok"]  # the fresh registration survived the GONE
+        assert transport.pushes == ["tok", "tok"]  # and so did the mail that came with it
+        assert relay.notifier.metrics.tokens_removed._value.get() == 0
+    finally:
+        relay.close()

@@ -371,3 +371,45 @@ def test_refreshing_a_stored_token_still_evicts_when_a_new_one_comes(store):
         store.add_token("a", "new", T0 + 201)
     tokens = store.valid_tokens("a", T0 + 201)
     assert len(tokens) == 32 and "t0" not in tokens and "t5" in tokens and "new" in tokens
+
+
+def test_prune_expired_batch_walks_the_table_in_bounded_steps(store):
+    """Any user's expired or future tokens go, a batch of rows at a time; valid ones stay."""
+    with store.transaction():
+        for i in range(5):
+            store.import_token(f"u{i}", "expired", T0 - 90 * DAY)
+            store.import_token(f"u{i}", "live", T0 - DAY)
+        store.import_token("u9", "future", T0 + 3600)
+    steps: list[tuple[int, int]] = []
+    cursor = 0
+    while True:
+        with store.transaction():
+            cursor, deleted = store.prune_expired_batch(cursor, 4, T0)
+        steps.append((cursor, deleted))
+        if cursor == 0:
+            break
+    assert [deleted for _, deleted in steps] == [2, 2, 2]  # 4 + 4 + 3 rows looked at
+    assert sum(deleted for _, deleted in steps) == 6
+    rows = store.conn.execute("SELECT user, token FROM tokens ORDER BY user").fetchall()
+    assert rows == [(f"u{i}", "live") for i in range(5)]
+    with store.transaction():
+        # a new pass: the live rows are the even rowids now, the first four end at 8
+        assert store.prune_expired_batch(0, 4, T0) == (8, 0)
+        assert store.prune_expired_batch(0, 100, T0) == (0, 0)
+
+
+def test_token_sweeper_step_deletes_what_no_commit_touches(tmp_path):
+    from chatmaild.tokensweep import TokenSweeper
+
+    path = tmp_path / "db.sqlite3"
+    store = MetadataStore(connect(path))
+    with store.transaction():
+        store.import_token("idle", "expired", T0 - 90 * DAY)
+        store.import_token("idle", "live", T0)
+    sweeper = TokenSweeper(path, interval=3600, batch=10, clock=lambda: T0)
+    sweeper.start()  # the first step runs at once, before the thread looks at stop
+    sweeper.stop()
+    assert sweeper.deleted == 1
+    assert store.valid_token_stamps("idle", T0) == {"live": T0}
+    assert store.conn.execute("SELECT count(*) FROM tokens").fetchone()[0] == 1
+    store.conn.close()
