@@ -91,7 +91,10 @@ def proxy_server(ready, stop, apns: dict, window: float, keyring: str | None = N
     armored secret key that opens ``openpgp:`` tokens)."""
     import logging
 
+    from notifiers.app import tune_gc_for_serving
+
     logging.basicConfig(level=logging.WARNING)
+    tune_gc_for_serving()  # as notifiers.cli does
 
     async def make():
         from notifiers.app import make_app
@@ -132,7 +135,10 @@ def forwarding_server(ready, stop, upstream: str, window: float) -> None:
     """A proxy with no keyring: every ``openpgp:`` token is forwarded to ``upstream``."""
     import logging
 
+    from notifiers.app import tune_gc_for_serving
+
     logging.basicConfig(level=logging.WARNING)
+    tune_gc_for_serving()  # as notifiers.cli does
 
     async def make():
         from notifiers.app import make_app

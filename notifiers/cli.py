@@ -22,7 +22,7 @@ from chatmail_common.fdlimit import raise_open_files_limit
 from chatmail_common.logsetup import configure_logging
 from chatmail_common.systemd import notify
 
-from .app import make_app, make_metrics_app, start_listener
+from .app import make_app, make_metrics_app, start_listener, tune_gc_for_serving
 from .build import build_service
 from .heartbeat_store import HeartbeatStoreError
 from .providers.base import ProviderConfigError
@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
     configure_logging(settings.log_level.upper())
     log.info("%s", raise_open_files_limit().describe())
+    tune_gc_for_serving()
     try:
         asyncio.run(serve(settings))
     except (ProviderConfigError, HeartbeatStoreError, OSError) as exc:  # a broken file, a port

@@ -138,12 +138,12 @@ class _Stream:
 
     __slots__ = ("future", "status", "headers", "body", "unsent")
 
-    def __init__(self, future: asyncio.Future[H2Response], body: bytes) -> None:
+    def __init__(self, future: asyncio.Future[H2Response]) -> None:
         self.future = future
         self.status = 0
         self.headers: list[tuple[str, str]] = []
-        self.body = bytearray()
-        self.unsent = memoryview(body)
+        self.body: bytes | bytearray = b""  # the first DATA frame's bytes, then a bytearray
+        self.unsent: bytes | memoryview = b""  # body bytes waiting for flow-control window
 
 
 class _Connection(asyncio.Protocol):
@@ -172,6 +172,7 @@ class _Connection(asyncio.Protocol):
         self._blocked: set[int] = set()  # streams with body bytes waiting for window
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._flush_scheduled = False
+        self._prefixes: dict[str, tuple[tuple[str, str], ...]] = {}
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.goaway = False
         self.closed = False
@@ -187,6 +188,15 @@ class _Connection(asyncio.Protocol):
     def accepting(self) -> bool:
         """True while new streams may be opened here."""
         return not (self.goaway or self.closed)
+
+    def _pseudo_headers(self, method: str) -> tuple[tuple[str, str], ...]:
+        """``:method``, ``:scheme`` and ``:authority`` of a request, built once per method."""
+        prefix = self._prefixes.get(method)
+        if prefix is None:
+            prefix = ((":method", method), (":scheme", "https"), (":authority", self._authority))
+            if len(self._prefixes) < 8:  # callers use one or two methods
+                self._prefixes[method] = prefix
+        return prefix
 
     def _free_streams(self) -> int:
         limit = min(self._cap, self._h2.remote_settings.max_concurrent_streams)
@@ -228,11 +238,9 @@ class _Connection(asyncio.Protocol):
                 self.close()
             raise StreamRefused("stream ids exhausted on this connection") from exc
         future: asyncio.Future[H2Response] = self._loop.create_future()
-        stream = _Stream(future, body)
+        stream = _Stream(future)
         request_headers = [
-            (":method", method),
-            (":scheme", "https"),
-            (":authority", self._authority),
+            *self._pseudo_headers(method),
             # Never indexed: a path is one device's (not for the compression context),
             # and unique paths filled HPACK's dynamic table, whose linear search per
             # header then cost more than the rest of the request.
@@ -243,8 +251,9 @@ class _Connection(asyncio.Protocol):
             ],
             ("content-length", str(len(body))),
         ]
+        h2conn = self._h2
         try:
-            self._h2.send_headers(stream_id, request_headers, end_stream=not body)
+            h2conn.send_headers(stream_id, request_headers, end_stream=not body)
         except h2.exceptions.ProtocolError as exc:  # e.g. TooManyStreamsError: nothing sent
             raise StreamRefused(f"cannot open a stream: {exc!r}") from exc
         self._streams[stream_id] = stream
@@ -253,7 +262,16 @@ class _Connection(asyncio.Protocol):
             if self._deadline_timer is None:
                 self._deadline_timer = self._loop.call_at(deadline, self._expire)
         if body:
-            self._send_body(stream_id, stream)
+            size = len(body)
+            if size <= h2conn.max_outbound_frame_size and size <= h2conn.local_flow_control_window(
+                stream_id
+            ):
+                # The usual case (a push payload): the whole body in one DATA frame, without
+                # the chunking loop and its copies.
+                h2conn.send_data(stream_id, body, end_stream=True)
+            else:
+                stream.unsent = memoryview(body)
+                self._send_body(stream_id, stream)
         self._schedule_flush()
         try:
             return await future
@@ -375,9 +393,10 @@ class _Connection(asyncio.Protocol):
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
-        self._blocked.discard(stream_id)
-        if stream.unsent and not self.closed:
-            self._reset(stream_id)  # answered before the body was sent: stop sending
+        if stream.unsent:  # (only such streams are in _blocked)
+            self._blocked.discard(stream_id)
+            if not self.closed:
+                self._reset(stream_id)  # answered before the body was sent: stop sending
         if not stream.future.done():
             if error is not None:
                 stream.future.set_exception(error)
@@ -432,14 +451,15 @@ class _Connection(asyncio.Protocol):
     # -- events ------------------------------------------------------------
 
     def _handle(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            self._on_data(event)
-        elif isinstance(event, h2.events.ResponseReceived):
+        # Ordered by frequency: every answer is a ResponseReceived and a StreamEnded.
+        if isinstance(event, h2.events.ResponseReceived):
             stream = self._streams.get(event.stream_id)  # type: ignore[arg-type]
             if stream is not None:
                 self._on_headers(stream, event.headers)  # type: ignore[arg-type]
         elif isinstance(event, h2.events.StreamEnded):
             self._finish(event.stream_id)  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.DataReceived):
+            self._on_data(event)
         elif isinstance(event, h2.events.StreamReset):
             self._on_reset(event)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -467,7 +487,12 @@ class _Connection(asyncio.Protocol):
         stream_id: int = event.stream_id  # type: ignore[assignment]
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.body += event.data  # type: ignore[operator]
+            if not stream.body:
+                stream.body = event.data  # type: ignore[assignment]  # one frame: no copy
+            else:
+                if not isinstance(stream.body, bytearray):
+                    stream.body = bytearray(stream.body)
+                stream.body += event.data  # type: ignore[operator]
         # Always give the window back, also for streams we no longer track.
         self._h2.acknowledge_received_data(event.flow_controlled_length, stream_id)  # type: ignore[arg-type]
 

@@ -16,6 +16,7 @@ import h2.settings
 import pytest
 import trustme
 
+from devstack.fakes import h2server
 from devstack.fakes.h2server import FakeH2Server, Reply, Request
 from devstack.fakes.keys import server_context
 from notifiers import h2client
@@ -471,12 +472,17 @@ async def test_window_grown_by_settings_unblocks_the_body(tls_ca, ca_path):
         await srv.wait_closed()
 
 
-def _h2_pair(max_streams: int | None = None):
-    """A client ``_DrainingH2Connection`` and a server ``H2Connection``, settings exchanged."""
-    client = h2client._DrainingH2Connection(
+def _h2_pair(
+    max_streams: int | None = None,
+    client_class: type[h2.connection.H2Connection] = h2client._DrainingH2Connection,
+    server_class: type[h2.connection.H2Connection] = h2.connection.H2Connection,
+):
+    """A client (default ``_DrainingH2Connection``) and a server (default ``H2Connection``),
+    settings exchanged."""
+    client = client_class(
         config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
     )
-    server = h2.connection.H2Connection(
+    server = server_class(
         config=h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
     )
     if max_streams is not None:
@@ -489,21 +495,26 @@ def _h2_pair(max_streams: int | None = None):
     server.receive_data(client.data_to_send())
     client.receive_data(server.data_to_send())
     server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())  # the server's SETTINGS ACK
     return client, server
 
 
 REQUEST_HEADERS = [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/")]
 
 
-async def test_stream_table_stays_bounded_without_a_walk_per_request():
-    """The cheap open-stream count still lets h2 drop closed streams now and then."""
-    client, server = _h2_pair()
-    for _ in range(1000):
+def _answer_requests(client, server, count: int) -> None:
+    for _ in range(count):
         stream_id = client.get_next_available_stream_id()
         client.send_headers(stream_id, REQUEST_HEADERS, end_stream=True)
         server.receive_data(client.data_to_send())
         server.send_headers(stream_id, [(":status", "200")], end_stream=True)
         client.receive_data(server.data_to_send())
+
+
+async def test_stream_table_stays_bounded_without_a_walk_per_request():
+    """The cheap open-stream count still lets h2 drop closed streams now and then."""
+    client, server = _h2_pair()
+    _answer_requests(client, server, 1000)
     assert len(client.streams) <= h2client.SWEEP_BATCH + 1
     assert h2.connection.H2Connection.open_outbound_streams.fget(client) == 0  # the true count
 
@@ -514,6 +525,32 @@ async def test_the_peers_stream_limit_is_still_enforced_by_h2():
         client.send_headers(client.get_next_available_stream_id(), REQUEST_HEADERS)
     with pytest.raises(h2.exceptions.TooManyStreamsError):
         client.send_headers(client.get_next_available_stream_id(), REQUEST_HEADERS)
+
+
+def _fake_server_pair(max_streams: int | None = None):
+    return _h2_pair(max_streams, h2.connection.H2Connection, h2server._ServerConnection)
+
+
+async def test_fake_server_stream_table_stays_bounded_without_a_walk_per_request():
+    """The fake server's cheap open-stream count, as the client's (above)."""
+    client, server = _fake_server_pair()
+    _answer_requests(client, server, 1000)
+    assert len(server.streams) <= h2server.SWEEP_BATCH + 1
+    assert h2.connection.H2Connection.open_inbound_streams.fget(server) == 0  # the true count
+
+
+async def test_fake_server_still_refuses_streams_past_its_limit():
+    client, server = _fake_server_pair(10)
+    for _ in range(10):
+        client.send_headers(client.get_next_available_stream_id(), REQUEST_HEADERS)
+        server.receive_data(client.data_to_send())
+    # the client's own check is bypassed, so that the server's is what refuses
+    client.remote_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100}
+    )
+    client.send_headers(client.get_next_available_stream_id(), REQUEST_HEADERS)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        server.receive_data(client.data_to_send())
 
 
 async def test_deadlines_kept_by_an_established_connection(limited, ca_path):

@@ -504,3 +504,16 @@ def test_slow_failed_send_does_not_close_a_newer_window():
     result = asyncio.run(scenario())
     assert result == NotifyResult(Outcome.SENT, "debounced")
     assert len(apns.sent) == 2
+
+
+def test_serving_gc_threshold_raises_only_the_young_generation():
+    import gc
+
+    from notifiers.app import SERVING_GC_THRESHOLD, tune_gc_for_serving
+
+    before = gc.get_threshold()
+    try:
+        tune_gc_for_serving()
+        assert gc.get_threshold() == (SERVING_GC_THRESHOLD, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)
