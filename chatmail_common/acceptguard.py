@@ -12,10 +12,10 @@ readiness (measured: 118,729 tracebacks, 54 MB of log and most of a core in 12 s
 API wraps: see :func:`_transport_maker`), so it behaves the same on every Python from
 3.11 on.  A server that needs no asyncio transport (the dict server: its connections
 are cheaper without one, :mod:`chatmaild.sockconn`) passes ``on_socket`` instead of a
-protocol factory and is handed each accepted socket.  When ``accept()`` fails for want of a resource it stops
-reading that socket for :data:`PAUSE_SECONDS` and tries again; the connections
-waiting meanwhile stay in the kernel's backlog.  An episode is one warning when it
-starts (naming the errno, the soft ``RLIMIT_NOFILE`` and the descriptors open) and
+protocol factory and is handed each accepted socket.  When ``accept()`` fails for want
+of a resource it stops reading that socket for :data:`PAUSE_SECONDS` and tries again;
+the connections waiting meanwhile stay in the kernel's backlog.  An episode is one
+warning when it starts (naming the errno, the soft ``RLIMIT_NOFILE`` and the descriptors open) and
 one info line once accepting has worked for :data:`EPISODE_QUIET_SECONDS` (how
 long it failed, how many attempts failed); ``on_pause`` is called once per
 episode, for a metrics counter.

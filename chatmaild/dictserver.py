@@ -5,9 +5,9 @@ per IMAP command and lookups are answered synchronously from SQLite: the hot pat
 ``data_received -> parse -> SQLite -> write`` with no task switches.  The server runs
 each connection on a :class:`~chatmaild.sockconn.SocketConnection` (a socket on the loop,
 no asyncio transport: cheaper to set up and tear down, which Dovecot's per-command
-connections pay every time); :class:`DictProtocol` works on an asyncio transport as well.  A reply that
-needs I/O (TURN) pauses the connection's event processing until it is written, so
-replies always leave in command order.
+connections pay every time); :class:`DictProtocol` works on an asyncio transport as well.
+A reply that needs I/O (TURN) pauses the connection's event processing until it is
+written, so replies always leave in command order.
 
 Flow control: a client that pipelines lookups and does not read would otherwise make
 the server buffer every reply (a 60 KiB value 1,500 times is 90 MB).  Past

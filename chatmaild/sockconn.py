@@ -167,9 +167,7 @@ class SocketConnection:
 
     def abort(self) -> None:
         """Close now, dropping what is buffered."""
-        self._closing = True
-        self.pause_reading()
-        self._out.clear()
+        self._drop()
         self._finish(None)
 
     # -- loop callbacks -------------------------------------------------------
@@ -217,24 +215,25 @@ class SocketConnection:
 
     def _gone(self, exc: Exception) -> None:
         """The peer went away (or the protocol broke) in a loop callback of ours."""
-        if isinstance(exc, OSError) and exc.errno not in PEER_GONE_ERRNOS:
-            log.warning("dict connection failed: %s", exc)
-        self._closing = True
-        self.pause_reading()
-        self._out.clear()
+        if isinstance(exc, OSError):
+            _log_unless_peer_gone(exc)
+        self._drop()
         self._finish(exc)
 
     def _fail(self, exc: OSError) -> None:
         """A write failed inside the protocol's own call: close, tell it afterwards."""
-        if exc.errno not in PEER_GONE_ERRNOS:
-            log.warning("dict connection failed: %s", exc)
-        self._closing = True
-        self.pause_reading()
-        self._out.clear()
+        _log_unless_peer_gone(exc)
+        self._drop()
         self._release()
         if not self._lost:
             self._lost = True
             self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def _drop(self) -> None:
+        """Closing from now on: no more reading, and what is buffered will not be sent."""
+        self._closing = True
+        self.pause_reading()
+        self._out.clear()
 
     def _release(self) -> None:
         if self._writing:
@@ -249,3 +248,10 @@ class SocketConnection:
         if not self._lost:
             self._lost = True
             self._protocol.connection_lost(exc)
+
+
+def _log_unless_peer_gone(exc: OSError) -> None:
+    """A peer that went away is routine (Dovecot killed, a client reset); anything else
+    is one warning line."""
+    if exc.errno not in PEER_GONE_ERRNOS:
+        log.warning("dict connection failed: %s", exc)
