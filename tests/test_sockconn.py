@@ -17,7 +17,7 @@ import struct
 import time
 
 import pytest
-from helpers_chatmaild import ALICE, BOB, make_backend, priv, wire
+from helpers_chatmaild import ALICE, BOB, SERVER, make_backend, priv, wire
 from test_dictserver import HELLO, Client, ServerThread, set_cmd
 
 from chatmaild import groupcommit
@@ -212,3 +212,43 @@ def test_a_protocol_that_raises_costs_only_its_connection(tmp_path, caplog):
     caplog.set_level(logging.ERROR)
     asyncio.run(check())
     assert "dict connection failed" in caplog.text
+
+
+def test_a_connection_closed_while_its_turn_reply_is_pending(tmp_path, caplog):
+    """The TURN helper answers after the peer left: the reply goes nowhere, quietly."""
+    caplog.set_level(logging.WARNING)
+    backend = make_backend(tmp_path, params=f"turn_socket_path = {tmp_path / 'turn.socket'}\n")
+    srv = ServerThread(backend, tmp_path / "metadata.socket")
+    asked = []
+
+    async def start_turn():
+        async def handle(reader, writer):
+            asked.append(True)
+            await asyncio.sleep(0.3)
+            writer.write(b"u:p\n")
+            await writer.drain()
+            writer.close()
+
+        return await asyncio.start_unix_server(handle, path=str(tmp_path / "turn.socket"))
+
+    turn = srv.call(start_turn)
+    try:
+        client = Client(srv.path)
+        client.send(HELLO + wire(b"L" + SERVER + b"turn\t" + ALICE.encode()))
+        _wait_for(lambda: asked, "the TURN helper to be asked")
+        client.close()
+        _wait_for(lambda: srv.stats.open_connections == 0, "the connection to be closed")
+        time.sleep(0.4)  # the helper answers meanwhile
+
+        other = Client(srv.path)
+        other.send(HELLO + wire(b"L" + SERVER + b"turn\t" + BOB.encode()))
+        assert other.lines(1) == [b"Oexample.org:3478:u:p"]
+        other.close()
+    finally:
+
+        async def stop():
+            turn.close()
+
+        srv.call(stop)
+        srv.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
