@@ -15,10 +15,10 @@ are cheaper without one, :mod:`chatmaild.sockconn`) passes ``on_socket`` instead
 protocol factory and is handed each accepted socket.  When ``accept()`` fails for want
 of a resource it stops reading that socket for :data:`PAUSE_SECONDS` and tries again;
 the connections waiting meanwhile stay in the kernel's backlog.  An episode is one
-warning when it starts (naming the errno, the soft ``RLIMIT_NOFILE`` and the descriptors open) and
-one info line once accepting has worked for :data:`EPISODE_QUIET_SECONDS` (how
-long it failed, how many attempts failed); ``on_pause`` is called once per
-episode, for a metrics counter.
+warning when it starts (naming the errno, the soft ``RLIMIT_NOFILE`` and the
+descriptors open) and one info line once accepting has worked for
+:data:`EPISODE_QUIET_SECONDS` (how long it failed, how many attempts failed);
+``on_pause`` is called once per episode, for a metrics counter.
 """
 
 from __future__ import annotations

@@ -298,9 +298,8 @@ async def start_dict_server(
     """
     stats = stats or ServerStats()
     sock.listen(LISTEN_BACKLOG)  # also a socket systemd passed in, as asyncio's server did
-    group = GroupCommitter(backend.commit_many, asyncio.get_running_loop())
-
     loop = asyncio.get_running_loop()
+    group = GroupCommitter(backend.commit_many, loop)
 
     def paused() -> None:
         stats.accept_pauses += 1
