@@ -10,13 +10,15 @@ readiness (measured: 118,729 tracebacks, 54 MB of log and most of a core in 12 s
 :class:`GuardedServer` serves listening sockets with ``add_reader`` and
 ``connect_accepted_socket`` (on the stock selector loop, the transport constructor that
 API wraps: see :func:`_transport_maker`), so it behaves the same on every Python from
-3.11 on.  When ``accept()`` fails for want of a resource it stops
-reading that socket for :data:`PAUSE_SECONDS` and tries again; the connections
-waiting meanwhile stay in the kernel's backlog.  An episode is one warning when it
-starts (naming the errno, the soft ``RLIMIT_NOFILE`` and the descriptors open) and
-one info line once accepting has worked for :data:`EPISODE_QUIET_SECONDS` (how
-long it failed, how many attempts failed); ``on_pause`` is called once per
-episode, for a metrics counter.
+3.11 on.  A server that needs no asyncio transport (the dict server: its connections
+are cheaper without one, :mod:`chatmaild.sockconn`) passes ``on_socket`` instead of a
+protocol factory and is handed each accepted socket.  When ``accept()`` fails for want
+of a resource it stops reading that socket for :data:`PAUSE_SECONDS` and tries again;
+the connections waiting meanwhile stay in the kernel's backlog.  An episode is one
+warning when it starts (naming the errno, the soft ``RLIMIT_NOFILE`` and the
+descriptors open) and one info line once accepting has worked for
+:data:`EPISODE_QUIET_SECONDS` (how long it failed, how many attempts failed);
+``on_pause`` is called once per episode, for a metrics counter.
 """
 
 from __future__ import annotations
@@ -122,18 +124,25 @@ class GuardedServer:
 
     Offers what callers use of ``asyncio.Server``: ``sockets``, ``close()``,
     ``wait_closed()`` and ``is_serving()``.  The sockets are closed by ``close()``.
+    With ``on_socket`` instead of a protocol factory, each accepted socket (still in
+    blocking mode) is handed to it and is its own from then on; if it raises, the
+    socket is closed.
     """
 
     def __init__(
         self,
         sockets: list[socket.socket],
-        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        protocol_factory: Callable[[], asyncio.BaseProtocol] | None = None,
         *,
         on_pause: Callable[[], object] | None = None,
+        on_socket: Callable[[socket.socket], object] | None = None,
     ) -> None:
+        if (protocol_factory is None) == (on_socket is None):
+            raise TypeError("GuardedServer needs either protocol_factory or on_socket")
         self.sockets = sockets
         self.protocol_factory = protocol_factory
         self.on_pause = on_pause
+        self._on_socket = on_socket
         self._loop = asyncio.get_running_loop()
         self._episodes: dict[int, _Episode] = {}  # by socket fd
         self._retries: dict[int, asyncio.TimerHandle] = {}
@@ -184,6 +193,13 @@ class GuardedServer:
                     log.warning("accept on %s failed: %s", _socket_name(sock), exc)
                 return
             self._accepted(sock)
+            if self._on_socket is not None:
+                try:
+                    self._on_socket(conn)
+                except Exception as exc:  # refused by the callback: this connection only
+                    conn.close()
+                    log.debug("connection setup failed: %s", exc)
+                continue
             if self._make_transport is not None:
                 self._connect_now(conn, peer)
                 continue

@@ -1,10 +1,13 @@
 """asyncio adapter: a Unix-socket server moving bytes between Dovecot and the sans-I/O protocol.
 
-Uses ``asyncio.Protocol`` (not streams) because Dovecot opens a connection per IMAP
-command and lookups are answered synchronously from SQLite: the hot path is
-``data_received -> parse -> SQLite -> write`` with no task switches.  A reply that
-needs I/O (TURN) pauses the connection's event processing until it is written, so
-replies always leave in command order.
+Uses the ``asyncio.Protocol`` interface (not streams) because Dovecot opens a connection
+per IMAP command and lookups are answered synchronously from SQLite: the hot path is
+``data_received -> parse -> SQLite -> write`` with no task switches.  The server runs
+each connection on a :class:`~chatmaild.sockconn.SocketConnection` (a socket on the loop,
+no asyncio transport: cheaper to set up and tear down, which Dovecot's per-command
+connections pay every time); :class:`DictProtocol` works on an asyncio transport as well.
+A reply that needs I/O (TURN) pauses the connection's event processing until it is
+written, so replies always leave in command order.
 
 Flow control: a client that pipelines lookups and does not read would otherwise make
 the server buffer every reply (a 60 KiB value 1,500 times is 90 MB).  Past
@@ -36,6 +39,7 @@ from chatmail_common.logclip import clip
 from . import dictproto as dp
 from .groupcommit import GroupCommitter
 from .metadata import MetadataDict
+from .sockconn import SocketConnection
 
 log = logging.getLogger(__name__)
 
@@ -294,13 +298,15 @@ async def start_dict_server(
     """
     stats = stats or ServerStats()
     sock.listen(LISTEN_BACKLOG)  # also a socket systemd passed in, as asyncio's server did
-    group = GroupCommitter(backend.commit_many, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    group = GroupCommitter(backend.commit_many, loop)
 
     def paused() -> None:
         stats.accept_pauses += 1
 
-    server = GuardedServer(
-        [sock], lambda: DictProtocol(backend, max_line, stats, group), on_pause=paused
-    )
+    def serve(conn: socket.socket) -> None:
+        SocketConnection.serve(loop, conn, DictProtocol(backend, max_line, stats, group))
+
+    server = GuardedServer([sock], on_pause=paused, on_socket=serve)
     server.start()
     return server, stats

@@ -77,3 +77,51 @@ def test_connections_are_served_and_a_refusing_factory_costs_one_connection(
             await server.wait_closed()
 
     asyncio.run(check())
+
+
+def test_on_socket_is_handed_each_accepted_socket_and_a_refusal_costs_one_connection(tmp_path):
+    refuse = [True]
+    served: list[socket.socket] = []
+
+    async def check() -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_socket(conn: socket.socket) -> None:
+            if refuse[0]:
+                refuse[0] = False
+                raise RuntimeError("refused")
+            conn.setblocking(False)
+            served.append(conn)
+            loop.add_reader(conn.fileno(), answer, conn)
+
+        def answer(conn: socket.socket) -> None:
+            data = conn.recv(100)
+            if data:
+                conn.send(b"echo " + data)
+            else:
+                loop.remove_reader(conn.fileno())
+                conn.close()
+
+        sock, path = _listening(tmp_path)
+        server = GuardedServer([sock], on_socket=on_socket)
+        server.start()
+        try:
+            assert await _ask(path, b"one\n") == b""  # closed: the callback raised
+            answers = await asyncio.gather(*(_ask(path, b"%d\n" % i) for i in range(20)))
+            assert answers == [b"echo %d\n" % i for i in range(20)]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(check())
+    assert len(served) == 20
+
+
+def test_either_a_protocol_factory_or_on_socket():
+    async def check() -> None:
+        with pytest.raises(TypeError):
+            GuardedServer([])
+        with pytest.raises(TypeError):
+            GuardedServer([], asyncio.Protocol, on_socket=lambda conn: None)
+
+    asyncio.run(check())
