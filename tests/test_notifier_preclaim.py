@@ -21,48 +21,43 @@ def sink() -> Iterator[PushSink]:
     s.close()
 
 
+@pytest.fixture
+def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
+    """A started relay whose one user has the token ``phone``; the sink answers slowly."""
+    sink.delay = 0.3
+    r = Relay(tmp_path, sink.url)
+    r.notifier.start()
+    r.add_token("phone")
+    yield r
+    r.close()
+
+
 def _attempts(relay: Relay) -> list[int]:
     return [a for (a,) in relay.conn.execute("SELECT attempts FROM jobs ORDER BY id")]
 
 
 def test_first_attempt_is_on_disk_with_the_commit_and_needs_no_claim(
-    tmp_path: Path, sink: PushSink
+    relay: Relay, sink: PushSink
 ) -> None:
-    sink.delay = 0.5
-    relay = Relay(tmp_path, sink.url)
-    relay.notifier.start()
-    try:
-        relay.add_token("phone")
-        assert relay.new_mail().startswith(b"O")
-        # Right after the C reply: the attempt is counted, before any request is sent.
-        assert _attempts(relay) == [1]
-        sink.wait_for(1)
-        wait_until(lambda: relay.jobs() == 0)
-        commits = relay.notifier._commits
-        assert commits is not None
-        assert commits.ops == 1  # the finish; no claim was written
-    finally:
-        relay.close()
+    assert relay.new_mail().startswith(b"O")
+    # Right after the C reply: the attempt is counted, before any request is sent.
+    assert _attempts(relay) == [1]
+    sink.wait_for(1)
+    wait_until(lambda: relay.jobs() == 0)
+    commits = relay.notifier._commits
+    assert commits is not None
+    assert commits.ops == 1  # the finish; no claim was written
 
 
-def test_second_delivery_in_flight_waits_fresh_and_coalesces(
-    tmp_path: Path, sink: PushSink
-) -> None:
-    sink.delay = 0.3
-    relay = Relay(tmp_path, sink.url)
-    relay.notifier.start()
-    try:
-        relay.add_token("phone")
-        relay.new_mail()
-        relay.new_mail()  # the first push is in flight (or about to be): a fresh job
-        relay.new_mail()  # absorbed by that fresh job
-        assert sorted(_attempts(relay)) == [0, 1]
-        sink.wait_for(2)
-        wait_until(lambda: relay.jobs() == 0)
-        time.sleep(0.1)
-        assert sink.bodies() == [b"phone", b"phone"]
-    finally:
-        relay.close()
+def test_second_delivery_in_flight_waits_fresh_and_coalesces(relay: Relay, sink: PushSink) -> None:
+    relay.new_mail()
+    relay.new_mail()  # the first push is in flight (or about to be): a fresh job
+    relay.new_mail()  # absorbed by that fresh job
+    assert sorted(_attempts(relay)) == [0, 1]
+    sink.wait_for(2)
+    wait_until(lambda: relay.jobs() == 0)
+    time.sleep(0.1)
+    assert sink.bodies() == [b"phone", b"phone"]
 
 
 def test_without_workers_jobs_stay_fresh(tmp_path: Path, sink: PushSink) -> None:
