@@ -134,13 +134,18 @@ class Notifier:
     def committed(self) -> None:
         staged, self._staged = self._staged, []
         coalesced, self._staged_coalesced = self._staged_coalesced, 0
-        self._reserved = []  # their jobs are on disk, claimed, and go to the workers now
+        reserved, self._reserved = self._reserved, []
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
+        claimed = {(job.user, job.token): job for job in staged if job.attempts}
+        if claimed:  # on disk, claimed: the workers send them now
+            with self._lock:
+                self._claimed.update((job.id, job) for job in claimed.values())
+        for key in reserved:
+            if key not in claimed:  # no row was written for it (never expected): free it
+                self._release(key)
         if staged:
             self.metrics.queued.inc(len(staged))
-            with self._lock:
-                self._claimed.update((job.id, job) for job in staged if job.attempts)
             self.queue.put_many([(job.due, _ticket(job)) for job in staged])
 
     # -- life cycle ---------------------------------------------------------
