@@ -97,6 +97,8 @@ def _sink_child(conn: Any) -> None:
                 with sink._lock:
                     sink.requests.clear()
                 conn.send(None)
+            elif cmd == "cpu":
+                conn.send(time.process_time())
             elif cmd == "wait":
                 try:
                     reqs = sink.wait_for(*args)
@@ -127,6 +129,11 @@ class ChildSink:
     def clear(self) -> None:
         self._conn.send(("clear",))
         self._conn.recv()
+
+    def cpu(self) -> float:
+        """CPU seconds the sink's process has used (its answer to a pipe command)."""
+        self._conn.send(("cpu",))
+        return self._conn.recv()
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Post]:
         self._conn.send(("wait", count, timeout))
@@ -292,8 +299,14 @@ def burst_and_paced(quick: bool) -> dict:
 # -- (c) LMTP -------------------------------------------------------------------------
 
 
-def _deliver_all(port: int, users: list[int], threads: int) -> tuple[float, int]:
-    """LMTP deliveries, one per user, from ``threads`` threads; (elapsed, failures)."""
+class Delivered(NamedTuple):
+    elapsed: float  # seconds from the first LMTP connect to the last 250
+    failures: int
+    last_done: float  # time.time() when the last delivery was answered
+
+
+def _deliver_all(port: int, users: list[int], threads: int) -> Delivered:
+    """LMTP deliveries, one per user, from ``threads`` threads."""
     todo = list(users)
     lock = threading.Lock()
     failures = [0]
@@ -315,7 +328,7 @@ def _deliver_all(port: int, users: list[int], threads: int) -> tuple[float, int]
         t.start()
     for t in ts:
         t.join(300)
-    return time.perf_counter() - t0, failures[0]
+    return Delivered(time.perf_counter() - t0, failures[0], time.time())
 
 
 def lmtp_end_to_end(quick: bool) -> dict:
@@ -340,23 +353,46 @@ def lmtp_end_to_end(quick: bool) -> dict:
             # rising for several hundred deliveries, so measure only after that.
             _deliver_all(dovecot.lmtp_port, list(range(2 * n, 2 * n + warm)), threads)
 
+            assert dovecot.proc is not None and metadata.proc is not None
+            dovecot_pid, metadata_pid = dovecot.proc.pid, metadata.proc.pid
+
+            def cpu() -> dict[str, float]:
+                """CPU seconds so far of each process that shares the cores."""
+                return {
+                    "dovecot": tree_cpu_seconds(dovecot_pid),
+                    "metadata": tree_cpu_seconds(metadata_pid),
+                    "sink": sink.cpu(),
+                    "clients": time.process_time(),
+                }
+
+            def per_delivery(before: dict[str, float], key: str) -> None:
+                """CPU ms per delivery of each process in this round, kept per side."""
+                after = cpu()
+                ms = {p: 1000 * (after[p] - before[p]) / n for p in after}
+                out.setdefault(f"{key}_cpu", []).append(ms)
+
             def base() -> float:
                 """Deliveries that queue no push (the Lua hook and the dict commit run)."""
-                elapsed, fails = _deliver_all(dovecot.lmtp_port, list(range(n, 2 * n)), threads)
-                out["baseline"] = {"rate": n / elapsed, "failures": fails}
+                before = cpu()
+                done = _deliver_all(dovecot.lmtp_port, list(range(n, 2 * n)), threads)
+                per_delivery(before, "baseline")
+                out["baseline"] = {"rate": n / done.elapsed, "failures": done.failures}
                 return out["baseline"]["rate"]
 
             def ours() -> float:
                 """Delivery -> Lua hook -> messagenew -> job -> POST (the same users)."""
                 sink.clear()
+                before = cpu()
                 t0 = time.time()
-                elapsed, fails = _deliver_all(dovecot.lmtp_port, list(range(n)), threads)
+                done = _deliver_all(dovecot.lmtp_port, list(range(n)), threads)
                 reqs = sink.wait_for(n, timeout=120)
                 t_end = max(r.at for r in reqs)
+                per_delivery(before, "e2e")
+                out.setdefault("tail_ms", []).append(1000 * (t_end - done.last_done))
                 out["e2e"] = {
                     "rate": n / (t_end - t0),
-                    "delivery_rate": n / elapsed,
-                    "failures": fails,
+                    "delivery_rate": n / done.elapsed,
+                    "failures": done.failures,
                     "posts": len(reqs),
                 }
                 return out["e2e"]["rate"]
@@ -370,6 +406,25 @@ def lmtp_end_to_end(quick: bool) -> dict:
             metadata.stop()
             sink.close()
     return out
+
+
+def _print_cpu(lm: dict) -> None:
+    """Where (c)'s extra time goes: median CPU ms per delivery of each process, and the tail
+    from the last delivery's 250 to the last POST (part of "ours", not of the baseline)."""
+    rows = []
+    for proc in ("dovecot", "metadata", "sink", "clients"):
+        with_push = median([r[proc] for r in lm["e2e_cpu"]]) or 0.0
+        without = median([r[proc] for r in lm["baseline_cpu"]]) or 0.0
+        rows.append([proc, f"{with_push:.3f}", f"{without:.3f}", f"{with_push - without:+.3f}"])
+    tail = lm["tail_ms"]
+    rows.append(
+        ["tail ms (last 250 -> last POST)", f"{median(tail):.1f}", "", f"max {max(tail):.1f}"]
+    )
+    print_table(
+        "notifier (c): CPU ms per delivery by process (median of the rounds)",
+        ["process", "with push", "without", "difference"],
+        rows,
+    )
 
 
 # -- (d) start-up with pending jobs ----------------------------------------------------
@@ -566,6 +621,7 @@ def run(quick: bool) -> list[Figure]:
             ],
         )
         print("notifier (c) LMTP with push / without by round: " + lm["rounds"].shown())
+        _print_cpu(lm)
         figures.append(ratio_figure("LMTP delivery with push vs without", lm["rounds"], 0.95))
 
     n_jobs = 100_000

@@ -11,7 +11,9 @@ Life of a row:
   while the first push has not been attempted adds nothing (coalescing);
 * claimed by a worker: ``attempts`` is incremented (and committed) *before* the
   request is sent, so a crash mid-request never repeats an attempt silently, and a
-  claimed job no longer absorbs new deliveries (the phone may already have fetched);
+  claimed job no longer absorbs new deliveries (the phone may already have fetched).
+  A job for a token with no push in flight is inserted claimed (``attempts = 1``, in
+  the dict commit's transaction) and sent at once, without a claim transaction;
 * finished (200), or removed with its token (410), or rescheduled with the next
   retry delay, or dropped when the attempts or the deadline are used up.
 
@@ -23,12 +25,12 @@ write is one transaction of :class:`chatmaild.database.Writer`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 
 from .database import Writer, connect
 from .jobqueue import Job, RetryPolicy
-from .outcomelog import PushRecord, record
+from .outcomelog import PushRecord, record, record_many
 from .store import MetadataStore, Registration
 
 _JOB_COLUMNS = "id, user, token, deadline, due, attempts"
@@ -47,6 +49,8 @@ class JobStore:
         self.conn = conn
         self._writer = Writer(conn)
         self._tokens = MetadataStore(conn)
+        # The outcome log's cutoff this connection last pruned up to (outcomelog.record_many).
+        self._pruned_before: int | None = None
 
     @classmethod
     def open(
@@ -62,22 +66,33 @@ class JobStore:
 
     # -- inside the dict commit's transaction ------------------------------
     def enqueue(
-        self, user: str, tokens: Iterable[str], now: float, policy: RetryPolicy
+        self,
+        user: str,
+        tokens: Iterable[str],
+        now: float,
+        policy: RetryPolicy,
+        claimed: Container[str] = (),
     ) -> list[Job]:
         """Insert one fresh job per token (inside the caller's transaction); return the new ones.
 
         Tokens that already have a fresh (never attempted) job are coalesced: no row, no job.
+        A token in ``claimed`` gets its job with its first attempt already counted
+        (``attempts = 1``, in this same transaction): the notifier hands such a job to a
+        worker in memory, which sends it without a claim transaction of its own.  It
+        absorbs no later delivery, as a claimed job; the notifier only claims so a
+        token with no push in flight, so the next delivery waits in a fresh job.
         """
         deadline = now + policy.deadline
         new: list[Job] = []
         for token in tokens:
+            attempts = 1 if token in claimed else 0
             cur = self.conn.execute(
                 "INSERT OR IGNORE INTO jobs(user, token, created, deadline, due, attempts) "
-                "VALUES (?,?,?,?,?,0)",
-                (user, token, now, deadline, now),
+                "VALUES (?,?,?,?,?,?)",
+                (user, token, now, deadline, now, attempts),
             )
             if cur.rowcount:
-                new.append(Job(cur.lastrowid, user, token, deadline, now, 0))
+                new.append(Job(cur.lastrowid, user, token, deadline, now, attempts))
         return new
 
     # -- the workers' operations, each its own transaction -----------------
@@ -101,6 +116,7 @@ class JobStore:
         A finish or reschedule carrying a :class:`PushRecord` counts it in the same commit.
         """
         results: list[Job | None] = []
+        outcomes: list[PushRecord] = []
         with self._writer.transaction() as conn:
             for kind, job_id, due, outcome in ops:
                 job = None
@@ -116,8 +132,10 @@ class JobStore:
                 else:
                     conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
                 if outcome is not None:
-                    record(conn, outcome)
+                    outcomes.append(outcome)
                 results.append(job)
+            pruned = record_many(conn, outcomes, self._pruned_before)
+        self._pruned_before = pruned  # only once the prune is committed
         return results
 
     def registration(self, user: str, token: str) -> Registration | None:

@@ -6,7 +6,10 @@
 served by worker threads.  Each worker opens its own
 :class:`~chatmaild.jobstore.JobStore` (with ``open_jobs``) and its push transport
 (one keep-alive HTTP client), claims a job (counting the attempt first), pushes the
-token and records the verdict: SENT done, GONE delete that token, RETRY on the
+token and records the verdict.  A job for a token with no push in flight is written
+claimed by the dict commit itself (its first attempt counted in that transaction) and
+handed to a worker in memory: the common case, one delivery and one push, costs no
+claim transaction.  Verdicts: SENT done, GONE delete that token, RETRY on the
 :class:`~chatmaild.jobqueue.RetryPolicy` schedule.  Claims, finishes and reschedules
 of all workers are group-committed by one :class:`~chatmaild.jobcommit.JobCommitter`
 (one transaction per batch; a claim returns once it is on disk); the notifier knows
@@ -77,6 +80,11 @@ class Notifier:
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
         self._parked: dict[tuple[str, str], set[Ticket]] = {}
+        # Jobs written claimed by the dict commit (by id), for the worker that takes their
+        # ticket; their keys are in _in_flight.  _reserved: the keys of the transaction
+        # being written, freed if it rolls back (dict server's thread only).
+        self._claimed: dict[int, Job] = {}
+        self._reserved: list[tuple[str, str]] = []
         self._stopping = threading.Event()
         self._live = 0  # workers with their resources open (under _lock)
         self._commits: JobCommitter | None = None  # from start() to stop()
@@ -96,19 +104,46 @@ class Notifier:
         enqueuer = self._enqueuer
         if enqueuer is None or enqueuer.conn is not conn:  # one per dict connection, kept
             enqueuer = self._enqueuer = JobStore(conn)
-        jobs = enqueuer.enqueue(user, tokens, now, self.policy)
+        claimed = self._reserve(user, tokens)
+        jobs = enqueuer.enqueue(user, tokens, now, self.policy, claimed)
         self._staged_coalesced += len(tokens) - len(jobs)
         self._staged.extend(jobs)
+
+    def _reserve(self, user: str, tokens: list[str]) -> list[str]:
+        """The tokens whose job is written claimed: no push in flight (nor reserved) for them.
+
+        Their keys count as in flight from now on, so a second delivery before the push is
+        made waits in a fresh job (coalescing as before) and no other job of the key is
+        sent meanwhile; :meth:`rolled_back` frees them again.
+        """
+        if self._commits is None or self._stopping.is_set():
+            return []  # no workers: every job waits on disk, fresh, for start()
+        with self._lock:
+            claimed = [t for t in tokens if (user, t) not in self._in_flight]
+            self._in_flight.update((user, t) for t in claimed)
+        self._reserved.extend((user, t) for t in claimed)
+        return claimed
 
     def rolled_back(self) -> None:
         self._staged.clear()
         self._staged_coalesced = 0  # a group retried without one transaction counts again
+        reserved, self._reserved = self._reserved, []
+        for key in reserved:
+            self._release(key)
 
     def committed(self) -> None:
         staged, self._staged = self._staged, []
         coalesced, self._staged_coalesced = self._staged_coalesced, 0
+        reserved, self._reserved = self._reserved, []
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
+        claimed = {(job.user, job.token): job for job in staged if job.attempts}
+        if claimed:  # on disk, claimed: the workers send them now
+            with self._lock:
+                self._claimed.update((job.id, job) for job in claimed.values())
+        for key in reserved:
+            if key not in claimed:  # no row was written for it (never expected): free it
+                self._release(key)
         if staged:
             self.metrics.queued.inc(len(staged))
             self.queue.put_many([(job.due, _ticket(job)) for job in staged])
@@ -247,23 +282,32 @@ class Notifier:
         """
         key = ticket[1], ticket[2]
         with self._lock:
-            if key in self._in_flight:
-                self._parked.setdefault(key, set()).add(ticket)
-                return
-            self._in_flight.add(key)
+            claimed = self._claimed.pop(ticket[0], None)  # its key is in flight: ours
+            if claimed is None:
+                if key in self._in_flight:
+                    self._parked.setdefault(key, set()).add(ticket)
+                    return
+                self._in_flight.add(key)
         try:
-            self._attempt(store, transport, ticket[0])
+            self._attempt(store, transport, ticket[0], claimed)
         finally:
-            with self._lock:
-                self._in_flight.discard(key)
-                parked = self._parked.pop(key, ())
-            for waiting in parked:
-                self.queue.put(self.clock(), waiting)
+            self._release(key)
 
-    def _attempt(self, store: JobStore, transport: PushTransport, job_id: int) -> None:
+    def _release(self, key: tuple[str, str]) -> None:
+        """The key's push is done (or its reservation void): its parked jobs go back in."""
+        with self._lock:
+            self._in_flight.discard(key)
+            parked = self._parked.pop(key, ())
+        for waiting in parked:
+            self.queue.put(self.clock(), waiting)
+
+    def _attempt(
+        self, store: JobStore, transport: PushTransport, job_id: int, claimed: Job | None
+    ) -> None:
+        """Claim the job (unless the dict commit wrote it claimed), push, record the verdict."""
         commits = self._commits
         assert commits is not None  # workers run between start() and stop()
-        job = commits.claim(store, job_id)
+        job = claimed or commits.claim(store, job_id)
         if job is None:
             return  # finished, removed with its token, or never committed
         now = self.clock()

@@ -2,8 +2,8 @@
 
 The metrics listener knows the same counts, but only while the process runs and only
 if it is configured; this log survives restarts and needs nothing but the database.
-One row per (minute, outcome, answer) with a count: writing is one UPSERT inside the
-transaction that already finishes, reschedules or drops the job, and rows older than
+One row per (minute, outcome, answer) with a count: writing is one UPSERT per bucket inside
+the transaction that already finishes, reschedules or drops the jobs, and rows older than
 :data:`KEEP_SECONDS` are pruned on the way (a range delete on the primary key).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 KEEP_SECONDS = 2 * 86400
@@ -45,14 +45,43 @@ def answer_label(detail: str) -> str:
 
 def record(conn: sqlite3.Connection, rec: PushRecord) -> None:
     """Count ``rec`` (inside the caller's write transaction) and prune old buckets."""
-    minute = int(rec.at // 60)
-    conn.execute(
-        "INSERT INTO push_outcomes(minute, outcome, answer, count, last_at) VALUES (?,?,?,1,?) "
-        "ON CONFLICT(minute, outcome, answer) DO UPDATE SET count = count + 1, "
+    record_many(conn, [rec])
+
+
+def record_many(
+    conn: sqlite3.Connection, recs: Iterable[PushRecord], pruned_before: int | None = None
+) -> int | None:
+    """Count ``recs`` (inside the caller's write transaction): one UPSERT per bucket.
+
+    A batch of the notifier's finishes (:meth:`chatmaild.jobstore.JobStore.apply`)
+    mostly falls into one (minute, outcome, answer) bucket: one statement for all of
+    them instead of one per push.  Buckets before the batch's cutoff are pruned unless
+    this connection already pruned up to that cutoff (``pruned_before``, what the last
+    call returned): the cutoff moves once a minute, so the range delete runs once a
+    minute, not once per push.  Returns the cutoff pruned up to (None: nothing counted).
+    """
+    buckets: dict[tuple[int, str, str], list[float]] = {}  # -> [count, last_at]
+    for rec in recs:
+        key = int(rec.at // 60), rec.outcome, answer_label(rec.answer)
+        bucket = buckets.get(key)
+        if bucket is None:
+            buckets[key] = [1, rec.at]
+        else:
+            bucket[0] += 1
+            bucket[1] = max(bucket[1], rec.at)
+    if not buckets:
+        return pruned_before
+    conn.executemany(
+        "INSERT INTO push_outcomes(minute, outcome, answer, count, last_at) VALUES (?,?,?,?,?) "
+        "ON CONFLICT(minute, outcome, answer) DO UPDATE SET count = count + excluded.count, "
         "last_at = max(last_at, excluded.last_at)",
-        (minute, rec.outcome, answer_label(rec.answer), rec.at),
+        [(*key, int(count), at) for key, (count, at) in buckets.items()],
     )
-    conn.execute("DELETE FROM push_outcomes WHERE minute < ?", (minute - KEEP_SECONDS // 60,))
+    cutoff = max(minute for minute, _, _ in buckets) - KEEP_SECONDS // 60
+    if pruned_before is None or cutoff > pruned_before:
+        conn.execute("DELETE FROM push_outcomes WHERE minute < ?", (cutoff,))
+        return cutoff
+    return pruned_before
 
 
 Counts = dict[str, dict[str, int]]  # outcome -> answer -> count
