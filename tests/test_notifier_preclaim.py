@@ -8,9 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_notifier import Relay, wait_until
+from test_notifier import USER, Relay, wait_until
 
+from chatmail_common.outcome import Outcome
+from chatmaild.jobstore import JobStore
 from chatmaild.outcomelog import SENT, PushRecord, counts_since, record_many
+from chatmaild.pushtransport import PushAnswer
 from devstack.pushsink import PushSink
 
 
@@ -95,3 +98,63 @@ def test_outcomes_of_a_batch_are_one_bucket_pruned_once_a_minute() -> None:
     assert conn.execute(
         "SELECT count, last_at FROM push_outcomes WHERE minute = ?", (int(now // 60),)
     ).fetchone() == (4, now + 5)
+
+
+class _ScriptedTransport:
+    """Answers GONE for the tokens in ``gone``, SENT otherwise; records every push."""
+
+    def __init__(self, gone: set[str]) -> None:
+        self.gone = gone
+        self.pushed: list[str] = []
+
+    def push(self, token: str) -> PushAnswer:
+        self.pushed.append(token)
+        if token in self.gone:
+            return PushAnswer(Outcome.GONE, "410")
+        return PushAnswer(Outcome.SENT, "200")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stale_ticket_whose_job_id_was_reused_takes_nobody_elses_job(tmp_path: Path) -> None:
+    """Job ids are rowids, reused once the highest row is deleted: a ticket left over for a
+    deleted job (parked behind a push answered GONE) may carry the id of a job written
+    claimed since, for another token.  It must not send that job nor free the wrong key,
+    which left the other token's key in flight for good (its pushes parked forever)."""
+    relay = Relay(tmp_path, "http://127.0.0.1:9/unused", workers=0)  # tickets run by hand
+    relay.notifier.start()
+    notifier = relay.notifier
+    store = JobStore.open(relay.db_path)
+    transport = _ScriptedTransport(gone={"dead"})
+    try:
+        for user, token in [
+            ("keep@x.org", "keep"),
+            (USER, "dead"),
+            ("b@x.org", "b"),
+            ("d@x.org", "d"),
+        ]:
+            relay.add_token(token, user=user)
+        relay.new_mail("keep@x.org")  # job 1, stays on disk (its ticket is never run)
+        relay.new_mail()  # job 2, written claimed: the push to "dead"
+        relay.new_mail()  # job 3, fresh: waits for it
+        tickets = {notifier.queue.get()[0]: None for _ in range(3)}
+        assert sorted(tickets) == [1, 2, 3]
+        notifier._run(store, transport, (3, USER, "dead"))  # parked behind job 2
+        notifier._run(store, transport, (2, USER, "dead"))  # GONE: jobs 2 and 3 deleted
+        assert transport.pushed == ["dead"]
+        stale = notifier.queue.get()
+        assert stale == (3, USER, "dead")  # job 3's ticket is back, its row is gone
+        relay.new_mail("b@x.org")  # job 2 again
+        relay.new_mail("d@x.org")  # job 3 again, written claimed for "d"
+        notifier._run(store, transport, stale)
+        for _ in range(2):
+            notifier._run(store, transport, notifier.queue.get())
+        assert sorted(transport.pushed) == ["b", "d", "dead"]  # "d" once, by its own ticket
+        assert ("d@x.org", "d") not in notifier._in_flight
+        relay.new_mail("d@x.org")  # the next delivery to "d" is sent, not parked for good
+        notifier._run(store, transport, notifier.queue.get())
+        assert transport.pushed.count("d") == 2
+    finally:
+        store.close()
+        relay.close()
