@@ -28,6 +28,7 @@ class DueQueue(Generic[T]):
         self._seq = 0
         self._closed = False
         self._members: set[T] = set()
+        self._waiting = 0  # threads blocked in get()
         self.clock = clock
 
     def put(self, due: float, item: T) -> None:
@@ -71,9 +72,34 @@ class DueQueue(Generic[T]):
                         if self._heap:
                             self._cond.notify()  # the next one may be due too
                         return item
-                    self._cond.wait(min(wait, 60.0))
+                    timeout: float | None = min(wait, 60.0)
                 else:
-                    self._cond.wait()
+                    timeout = None
+                self._waiting += 1
+                try:
+                    self._cond.wait(timeout)
+                finally:
+                    self._waiting -= 1
+
+    def idle_takers(self) -> int:
+        """Threads waiting in :meth:`get` that no item due now is already owed to.
+
+        Why: the notifier writes a job claimed (its attempt counted) at enqueue only when
+        a worker will take it at once; a job that would wait behind a backlog must stay
+        unattempted, or a kill -9 costs it an attempt never made.  Counting the due items
+        walks only the part of the heap that is due, at most ``waiting`` entries.
+        """
+        with self._cond:
+            spare = self._waiting
+            if not spare or not self._heap:
+                return spare
+            now, heap, stack = self.clock(), self._heap, [0]
+            while stack and spare:
+                i = stack.pop()
+                if i < len(heap) and heap[i][0] <= now:
+                    spare -= 1
+                    stack += (2 * i + 1, 2 * i + 2)
+            return spare
 
     def close(self) -> None:
         with self._cond:

@@ -110,16 +110,24 @@ class Notifier:
         self._staged.extend(jobs)
 
     def _reserve(self, user: str, tokens: list[str]) -> list[str]:
-        """The tokens whose job is written claimed: no push in flight (nor reserved) for them.
+        """The tokens whose job is written claimed: no push in flight (nor reserved) for
+        them, and a worker idle to take each at once.
 
         Their keys count as in flight from now on, so a second delivery before the push is
         made waits in a fresh job (coalescing as before) and no other job of the key is
-        sent meanwhile; :meth:`rolled_back` frees them again.
+        sent meanwhile; :meth:`rolled_back` frees them again.  Only as many as there are
+        idle workers not yet owed a due job or a job reserved in this transaction: a claim
+        counts the attempt, and one that waited behind a backlog and was then lost to a
+        kill -9 would cost the job an attempt never made (all of them at
+        ``max_attempts = 1``).
         """
         if self._commits is None or self._stopping.is_set():
             return []  # no workers: every job waits on disk, fresh, for start()
+        spare = self.queue.idle_takers() - len(self._reserved)
+        if spare <= 0:
+            return []
         with self._lock:
-            claimed = [t for t in tokens if (user, t) not in self._in_flight]
+            claimed = [t for t in tokens if (user, t) not in self._in_flight][:spare]
             self._in_flight.update((user, t) for t in claimed)
         self._reserved.extend((user, t) for t in claimed)
         return claimed

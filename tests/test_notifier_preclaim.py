@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,7 +119,9 @@ class _ScriptedTransport:
         pass
 
 
-def test_a_stale_ticket_whose_job_id_was_reused_takes_nobody_elses_job(tmp_path: Path) -> None:
+def test_a_stale_ticket_whose_job_id_was_reused_takes_nobody_elses_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Job ids are rowids, reused once the highest row is deleted: a ticket left over for a
     deleted job (parked behind a push answered GONE) may carry the id of a job written
     claimed since, for another token.  It must not send that job nor free the wrong key,
@@ -125,6 +129,9 @@ def test_a_stale_ticket_whose_job_id_was_reused_takes_nobody_elses_job(tmp_path:
     relay = Relay(tmp_path, "http://127.0.0.1:9/unused", workers=0)  # tickets run by hand
     relay.notifier.start()
     notifier = relay.notifier
+    # The tickets are run by this test, standing in for idle workers: jobs are written
+    # claimed only while a worker waits to take them.
+    monkeypatch.setattr(notifier.queue, "idle_takers", lambda: 4)
     store = JobStore.open(relay.db_path)
     transport = _ScriptedTransport(gone={"dead"})
     try:
@@ -158,3 +165,53 @@ def test_a_stale_ticket_whose_job_id_was_reused_takes_nobody_elses_job(tmp_path:
     finally:
         store.close()
         relay.close()
+
+
+def test_a_job_no_idle_worker_can_take_is_written_fresh(tmp_path: Path, sink: PushSink) -> None:
+    """Pre-claiming counts the attempt at enqueue: only right for a job a worker takes at
+    once.  One queued behind busy workers stays fresh, or a kill -9 would cost it an
+    attempt it never made (with max_attempts=1 it would be dropped unsent)."""
+    sink.delay = 0.5
+    relay = Relay(tmp_path, sink.url, workers=1)
+    try:
+        relay.notifier.start()
+        relay.add_token("phone", user="a@example.org")
+        relay.add_token("tablet", user="b@example.org")
+        wait_until(lambda: relay.notifier.queue.idle_takers() == 1)
+        assert relay.new_mail(user="a@example.org").startswith(b"O")
+        wait_until(lambda: relay.notifier.queue.idle_takers() == 0)  # busy with "phone"
+        assert relay.new_mail(user="b@example.org").startswith(b"O")
+        rows = dict(relay.conn.execute("SELECT token, attempts FROM jobs"))
+        assert rows["tablet"] == 0
+        sink.wait_for(2, timeout=10)
+        wait_until(lambda: relay.jobs() == 0)
+        assert sorted(sink.bodies()) == [b"phone", b"tablet"]
+    finally:
+        relay.close()
+
+
+def test_idle_takers_are_waiting_threads_less_the_items_due() -> None:
+    from chatmaild.duequeue import Closed, DueQueue
+
+    now = [0.0]
+    queue: DueQueue[str] = DueQueue(lambda: now[0])
+    for due, item in ((10.0, "a"), (20.0, "b"), (30.0, "c")):
+        queue.put(due, item)
+
+    def take() -> None:
+        with contextlib.suppress(Closed):
+            queue.get()
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: queue.idle_takers() == 2)  # nothing due: both are spare
+        now[0] = 15.0  # "a" is due (the sleepers have not looked yet): one is owed to it
+        assert queue.idle_takers() == 1
+        now[0] = 100.0  # three due, two waiting: none spare
+        assert queue.idle_takers() == 0
+    finally:
+        queue.close()
+        for t in threads:
+            t.join(5)
