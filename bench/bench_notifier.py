@@ -336,8 +336,10 @@ def lmtp_end_to_end(quick: bool) -> dict:
     build = host_build()  # the host's Dovecot: this section measures the notifier
     if build is None:
         return {}
-    # Deliveries per side of a round: at 300 a round lasted 1-2 s and single runs of the
-    # same code measured from 0.75x to 1.39x; 1,000 (3-5 s a side here) holds still.
+    # Deliveries per side of a round: at 300 a round lasted 1-2 s, shorter than the push
+    # pipeline takes to reach its steady backlog, and run medians ranged 0.72x-0.96x;
+    # at 1,000 (3-5 s a side) two runs on a quiet machine gave 0.78x and 0.79x.  Rounds
+    # still spread (0.64x-1.06x), so the median of the rounds is what is judged.
     n = 1000 if quick else 3000
     threads = 4
     warm = 400 if quick else 600
