@@ -6,6 +6,12 @@ flight per connection, as Dovecot does) driving 1 or 32 connections.  The
 baseline is the same client against a trivial asyncio server that answers
 ``N\\n`` to every line that owes a reply: the floor of a Python socket round trip
 on this machine, with 2 cores shared by client and server.
+
+Every ours/echo pair is measured in alternating rounds (:func:`bench.rounds.alternate`:
+ours first in one round, the echo first in the next) and shown as the median ratio and
+its min..max spread: one echo point measured after all of ours gave ratios from 0.83x
+to 2.97x between two runs.  The summary judges the single-connection lookup against
+the echo floor (the rule is at :data:`LOOKUP_FLOOR_TARGET`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from bench.common import (
     temp_dir,
     tree_cpu_seconds,
 )
+from bench.rounds import ROUNDS, Ratios, alternate, ratio_figure
 from bench.table import Figure, at_least, at_most, print_table, ratio
 from devstack.metadata import MetadataServer
 
@@ -206,7 +213,6 @@ def echo_server(ready, stop, path: str) -> None:
 
 
 def _measure(path: Path, pid: int, conns: int, mode: str, seconds: float, max_ops: int) -> dict:
-
     cpu0 = tree_cpu_seconds(pid)
     result = run_child(dict_client, str(path), conns, mode, seconds, max_ops)
     result["server_cpu"] = tree_cpu_seconds(pid) - cpu0
@@ -214,93 +220,106 @@ def _measure(path: Path, pid: int, conns: int, mode: str, seconds: float, max_op
     return result
 
 
+# The main table's pairs: (mode, connections, synchronous).  FULL also survives power
+# loss (fsync per commit); NORMAL (the default) survives a killed process.
+PAIRS = [
+    ("lookup", 1, "NORMAL"),
+    ("lookup", 32, "NORMAL"),
+    ("transaction", 1, "NORMAL"),
+    ("transaction", 32, "NORMAL"),
+    ("transaction", 1, "FULL"),
+    ("transaction", 32, "FULL"),
+]
+
+# What "single-connection lookups at the echo floor" is judged by.  With one connection
+# and one request in flight, a lookup's round trip is the echo's round trip plus the
+# server's own work (parse, one SQLite point query, format), so it cannot beat an echo
+# that does no work: 1.0x is the floor itself, not a reachable target.  "At the floor"
+# means that work is small next to the socket round trip both pay: the lookup's round
+# trip at most a quarter longer than the echo's, i.e. >= 0.8x of the echo's rate,
+# judged by the median ratio of the alternating rounds: measured once, after all of
+# ours, the echo gave this table ratios from 0.83x to 2.97x between two runs, and the
+# single-connection echo alone is bimodal here (about 28,000 or 50,000/s, round to round).
+LOOKUP_FLOOR_TARGET = 0.8
+
+
+class _Side:
+    """One side of a pair: each call measures a point, returns its rate, keeps the rest."""
+
+    def __init__(self, path: Path, pid: int, conns: int, mode: str, seconds: float, max_ops: int):
+        self.args = (path, pid, conns, mode, seconds, max_ops)
+        self.points: list[dict] = []
+
+    def __call__(self) -> float:
+        self.points.append(_measure(*self.args))
+        return self.points[-1]["rate"]
+
+    def median(self, key: str) -> float:
+        return statistics.median(p[key] for p in self.points)
+
+    def cpu_share(self, key: str) -> str:
+        return f"{100 * statistics.median(p[key] / p['elapsed'] for p in self.points):.0f}%"
+
+
+def _label(mode: str, synchronous: str) -> str:
+    if mode == "lookup":
+        return "lookups (L)"
+    if synchronous == "FULL":
+        return "transactions, synchronous=FULL"
+    return "transactions (B/S/C)"
+
+
 def run(quick: bool) -> list[Figure]:
     seconds = 1.5 if quick else 4.0
     max_ops = 200_000 if quick else 1_000_000
+    rounds = int(os.environ.get("CHATMAIL_BENCH_ROUNDS", ROUNDS))
     rows = []
-    results: dict[tuple[str, int, str], dict] = {}
+    pairs: dict[tuple[str, int, str], Ratios] = {}
     with temp_dir("dict") as run_dir:
-        sock = run_dir / "metadata.socket"
-        server = MetadataServer(run_dir, sock, "off")
-        server.log_level = "INFO"  # the production default
-        server.start()
+        servers = {s: _started(run_dir / s.lower(), s) for s in ("NORMAL", "FULL")}
         try:
-            assert server.proc is not None
-            setup = DictSocket(sock)
+            setup = DictSocket(servers["NORMAL"].socket_path)
             for i in range(USERS):  # so that lookups find a value
                 reply = setup.commit(_user(i), b"S" + _key(i) + b"\tinitial")
                 assert reply.startswith(b"O"), reply
             setup.close()
-            for mode in ("lookup", "transaction"):
-                for conns in (1, 32):
-                    results[("ours", conns, mode)] = _measure(
-                        sock, server.proc.pid, conns, mode, seconds, max_ops
+            echo_path = run_dir / "echo.socket"
+            with ChildServer(echo_server, str(echo_path)) as echo:
+                for mode, conns, synchronous in PAIRS:
+                    server = servers[synchronous]
+                    assert server.proc is not None
+                    print(f"{_label(mode, synchronous)}, {conns} conns, ours vs echo:", flush=True)
+                    ours = _Side(server.socket_path, server.proc.pid, conns, mode, seconds, max_ops)
+                    base = _Side(echo_path, echo.pid, conns, mode, seconds, max_ops)
+                    pair = pairs[(mode, conns, synchronous)] = alternate(ours, base, rounds)
+                    rows.append(
+                        [
+                            _label(mode, synchronous),
+                            conns,
+                            ours.median("rate"),
+                            base.median("rate"),
+                            f"{pair.median:.2f}x",
+                            pair.spread(),
+                            ours.cpu_share("server_cpu"),
+                            ours.cpu_share("client_cpu"),
+                            base.cpu_share("client_cpu"),
+                            sum(p["failures"] for p in ours.points),
+                        ]
                     )
         finally:
-            server.stop()
-        # The durability switch: synchronous=FULL also survives power loss (fsync per
-        # commit); NORMAL (the default) survives a killed process. Its cost:
-        server = MetadataServer(run_dir, sock, "off")
-        server.log_level = "INFO"  # the production default
-        server.metadata = {"synchronous": "FULL"}
-        server.start()
-        try:
-            assert server.proc is not None
-            for conns in (1, 32):
-                results[("full", conns, "transaction")] = _measure(
-                    sock, server.proc.pid, conns, "transaction", seconds, max_ops
-                )
-        finally:
-            server.stop()
-        echo_path = run_dir / "echo.socket"
-        with ChildServer(echo_server, str(echo_path)) as echo:
-            for mode in ("lookup", "transaction"):
-                for conns in (1, 32):
-                    results[("echo", conns, mode)] = _measure(
-                        echo_path, echo.pid, conns, mode, seconds, max_ops
-                    )
-    for mode in ("lookup", "transaction"):
-        for conns in (1, 32):
-            ours = results[("ours", conns, mode)]
-            base = results[("echo", conns, mode)]
-            rows.append(
-                [
-                    "lookups (L)" if mode == "lookup" else "transactions (B/S/C)",
-                    conns,
-                    ours["rate"],
-                    base["rate"],
-                    ratio(ours["rate"], base["rate"]),
-                    f"{100 * ours['server_cpu'] / ours['elapsed']:.0f}%",
-                    f"{100 * ours['client_cpu'] / ours['elapsed']:.0f}%",
-                    f"{100 * base['client_cpu'] / base['elapsed']:.0f}%",
-                    ours["failures"],
-                ]
-            )
-    for conns in (1, 32):
-        full = results[("full", conns, "transaction")]
-        base = results[("echo", conns, "transaction")]
-        rows.append(
-            [
-                "transactions, synchronous=FULL",
-                conns,
-                full["rate"],
-                base["rate"],
-                ratio(full["rate"], base["rate"]),
-                f"{100 * full['server_cpu'] / full['elapsed']:.0f}%",
-                f"{100 * full['client_cpu'] / full['elapsed']:.0f}%",
-                f"{100 * base['client_cpu'] / base['elapsed']:.0f}%",
-                full["failures"],
-            ]
-        )
+            for server in servers.values():
+                server.stop()
     print_table(
         "dict: operations/s over the Unix socket (chatmail-metadata, notify off) "
-        f"vs. trivial asyncio echo server; {seconds:g} s per point",
+        f"vs. trivial asyncio echo server; medians of {rounds} alternating rounds of "
+        f"{seconds:g} s per side",
         [
             "operation",
             "conns",
             "ours ops/s",
             "echo ops/s",
             "ours/echo",
+            "spread",
             "server CPU",
             "client CPU",
             "client CPU (echo)",
@@ -308,10 +327,10 @@ def run(quick: bool) -> list[Figure]:
         ],
         rows,
     )
+    lookups = pairs[("lookup", 1, "NORMAL")]
+    print("dict lookups, 1 connection, ours/echo by round: " + lookups.shown())
     figures = [
-        at_least(
-            "dict lookups/s, 1 connection", results[("ours", 1, "lookup")]["rate"], 20_000, "/s"
-        )
+        ratio_figure("dict lookups, 1 connection, vs echo floor", lookups, LOOKUP_FLOOR_TARGET)
     ]
     with temp_dir("dict-token") as run_dir:
         figures += _token_rounds(run_dir, seconds, max_ops)
@@ -330,20 +349,23 @@ def _started(run_dir: Path, synchronous: str) -> MetadataServer:
 def _token_rounds(run_dir: Path, seconds: float, max_ops: int) -> list[Figure]:
     """B/S/C device-token refreshes on 32 connections (what every Delta Chat connect costs),
     ``synchronous=NORMAL`` (the default) and ``FULL``, next to the echo floor, in
-    alternating rounds so that each ratio compares points measured seconds apart."""
+    alternating rounds (echo first in one, last in the next) so that each ratio compares
+    points measured seconds apart."""
     rounds = int(os.environ.get("CHATMAIL_BENCH_ROUNDS", 3))
     servers = {s: _started(run_dir / s.lower(), s) for s in ("NORMAL", "FULL")}
     per: dict[str, list[dict]] = {"NORMAL": [], "FULL": [], "echo": []}
     try:
         echo_path = run_dir / "echo.socket"
         with ChildServer(echo_server, str(echo_path)) as echo:
-            for _ in range(rounds):
-                per["echo"].append(_measure(echo_path, echo.pid, 32, "token", seconds, max_ops))
-                for name, server in servers.items():
-                    assert server.proc is not None
-                    per[name].append(
-                        _measure(server.socket_path, server.proc.pid, 32, "token", seconds, max_ops)
-                    )
+            sides = {"echo": (echo_path, echo.pid)}
+            for name, server in servers.items():
+                assert server.proc is not None
+                sides[name] = (server.socket_path, server.proc.pid)
+            for rnd in range(rounds):
+                order = list(sides) if rnd % 2 == 0 else list(reversed(sides))  # alternate
+                for name in order:
+                    path, pid = sides[name]
+                    per[name].append(_measure(path, pid, 32, "token", seconds, max_ops))
     finally:
         for server in servers.values():
             server.stop()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from chatmail_common.fdlimit import raise_open_files_limit
+from chatmail_common.gctuning import tune_gc_for_serving
 from chatmail_common.hostport import parse_host_port
 from chatmail_common.logsetup import configure_logging
 from chatmail_common.systemd import listen_fds, notify, watchdog_interval
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     log.info("%s", raise_open_files_limit().describe())
+    tune_gc_for_serving()  # as notifiers.cli does (GC: 8% -> 5% of CPU, a connection per command)
     # httpx logs every request at INFO; the notifier logs each outcome itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -13,7 +13,6 @@ alone does not say which option is wrong.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from chatmail_common.acceptguard import GuardedServer, bind_tcp
+from chatmail_common.gctuning import SERVING_GC_THRESHOLD as SERVING_GC_THRESHOLD  # re-exported
+from chatmail_common.gctuning import tune_gc_for_serving as tune_gc_for_serving  # re-exported
 from chatmail_common.outcome import Outcome
 
 from .listener_log import RequestErrorLog, SafeAccessLogger
@@ -36,10 +37,6 @@ LISTEN_BACKLOG = 128
 DEFAULT_KEEPALIVE_TIMEOUT = 15.0
 #: Seconds a request may take to send its body once its headers are in.
 DEFAULT_READ_TIMEOUT = 10.0
-
-#: Allocations (net, of objects the cyclic GC tracks) between two young-generation
-#: collections while serving; Python's default is 700.
-SERVING_GC_THRESHOLD = 10_000
 
 log = logging.getLogger("notifiers.http")
 
@@ -141,22 +138,6 @@ def make_app(
 
     app.cleanup_ctx.append(lifecycle)
     return app
-
-
-def tune_gc_for_serving() -> None:
-    """Collect the young generation every :data:`SERVING_GC_THRESHOLD` allocations.
-
-    Why: with Python's default of 700 a push (its aiohttp request, h2 stream and
-    events, futures) triggered a young collection every few requests, each scanning
-    the state of every request in flight and promoting it to be scanned again:
-    about a twentieth of the proxy's CPU per push.  With 10,000, a request is usually
-    answered, and its objects freed by reference counting, before a collection
-    would have looked at them.  Reference cycles wait a little longer (bounded by
-    the threshold, a few MB at most).  Process-wide: call it from the serving
-    process's entry point, not from a library.
-    """
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(SERVING_GC_THRESHOLD, older, oldest)
 
 
 async def _metrics(request: web.Request) -> web.Response:
