@@ -145,6 +145,12 @@ def listening_socket(fds: list[int], args: argparse.Namespace) -> socket.socket:
 
 
 async def serve(config: Config, args: argparse.Namespace) -> int:
+    # Signals first: a SIGTERM while the notifier and dict server start (systemd stopping
+    # a unit that is still starting) is a clean shutdown once they are up, not exit -15.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # No commit of the service checkpoints the WAL: the checkpointer thread does (its doc).
     conn = connect(config.database_path, config.synchronous, autocheckpoint=False)
     fds = listen_fds()
@@ -180,7 +186,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         server, _ = await start_dict_server(
             backend, sock, config.limits.max_line_bytes, stats=stats
         )
-        await _run_until_signalled(args, config, notifier)
+        await _run_until_signalled(args, config, notifier, stop)
         mark_stopped(conn, os.getpid(), time.time())
         server.close()
         await server.wait_closed()
@@ -212,12 +218,8 @@ def _service_row(config: Config, args: argparse.Namespace) -> ServiceRow:
 
 
 async def _run_until_signalled(
-    args: argparse.Namespace, config: Config, notifier: Notifier | None
+    args: argparse.Namespace, config: Config, notifier: Notifier | None, stop: asyncio.Event
 ) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     log.info("serving dict on %s, database %s", args.socket, config.database_path)
     notify("READY=1")
     interval = watchdog_interval()

@@ -96,7 +96,9 @@ class Heartbeats:
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        metrics.heartbeat_tokens.set(store.count)
+        # Read at scrape time: the count changes on the database thread, and a value set
+        # after each write came back to the loop lagged it (a scrape saw a stale count).
+        metrics.heartbeat_tokens.set_function(lambda: store.count)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -148,7 +150,6 @@ class Heartbeats:
         due = self.policy.after_registration(self._clock())
         new = await self._run(self.store.register, token.raw, due)
         self.metrics.heartbeat_registrations.inc()
-        self.metrics.heartbeat_tokens.set(self.store.count)
         log.info(
             "heartbeat registration for %s token %s (%s)",
             token.kind.value,
@@ -267,7 +268,6 @@ class Heartbeats:
                 continue
             for token, _ in batch:
                 self._taken.pop(token, None)
-            self.metrics.heartbeat_tokens.set(self.store.count)
             self.wake()
 
 
