@@ -125,6 +125,15 @@ def push_sink():
     sink.close()
 
 
+@pytest.fixture
+def sink():
+    """A fresh loopback push sink for one test (scripts, delay and requests its own): the
+    notifier's proxy, or the embedded proxy's upstream."""
+    s = PushSink()
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def dovecot_stack(dovecot_build, push_sink):
     run_dir = make_run_dir()

@@ -35,6 +35,18 @@ async def _ask(path: str, line: bytes) -> bytes:
         writer.close()
 
 
+async def _first_refused_then_twenty_echoed(server: GuardedServer, path) -> None:
+    """The first connection is closed unanswered (its setup raised); 20 more are served."""
+    server.start()
+    try:
+        assert await _ask(path, b"one\n") == b""
+        answers = await asyncio.gather(*(_ask(path, b"%d\n" % i) for i in range(20)))
+        assert answers == [b"echo %d\n" % i for i in range(20)]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def _listening(tmp_path) -> tuple[socket.socket, str]:
     path = str(tmp_path / "s")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,15 +78,7 @@ def test_connections_are_served_and_a_refusing_factory_costs_one_connection(
 
     async def check() -> None:
         sock, path = _listening(tmp_path)
-        server = GuardedServer([sock], factory)
-        server.start()
-        try:
-            assert await _ask(path, b"one\n") == b""  # closed: the factory raised
-            answers = await asyncio.gather(*(_ask(path, b"%d\n" % i) for i in range(20)))
-            assert answers == [b"echo %d\n" % i for i in range(20)]
-        finally:
-            server.close()
-            await server.wait_closed()
+        await _first_refused_then_twenty_echoed(GuardedServer([sock], factory), path)
 
     asyncio.run(check())
 
@@ -103,15 +107,7 @@ def test_on_socket_is_handed_each_accepted_socket_and_a_refusal_costs_one_connec
                 conn.close()
 
         sock, path = _listening(tmp_path)
-        server = GuardedServer([sock], on_socket=on_socket)
-        server.start()
-        try:
-            assert await _ask(path, b"one\n") == b""  # closed: the callback raised
-            answers = await asyncio.gather(*(_ask(path, b"%d\n" % i) for i in range(20)))
-            assert answers == [b"echo %d\n" % i for i in range(20)]
-        finally:
-            server.close()
-            await server.wait_closed()
+        await _first_refused_then_twenty_echoed(GuardedServer([sock], on_socket=on_socket), path)
 
     asyncio.run(check())
     assert len(served) == 20

@@ -27,7 +27,6 @@ from devstack.deltachat_client import (
     load_capi,
     turn_helper_line,
 )
-from devstack.pushsink import PushSink
 from devstack.smtpsink import SmtpSink
 
 try:
@@ -72,14 +71,6 @@ def smtp_sink() -> Iterator[SmtpSink]:
     sink = SmtpSink()
     yield sink
     sink.close()
-
-
-@pytest.fixture
-def sink() -> Iterator[PushSink]:
-    """The notifier's proxy, or the embedded proxy's upstream."""
-    s = PushSink()
-    yield s
-    s.close()
 
 
 def loopback_relay(relay, metadata: dict[str, str], notifiers: dict[str, str] | None = None):

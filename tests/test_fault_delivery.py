@@ -40,13 +40,6 @@ SEED = 1010  # the flood's choice of users; fixed, so a failure replays the same
 
 
 @pytest.fixture
-def sink():
-    sink = PushSink()
-    yield sink
-    sink.close()
-
-
-@pytest.fixture
 def metadata(tmp_path: Path, sink: PushSink):
     server = MetadataServer(tmp_path, tmp_path / "metadata.socket", sink.url)
     server.log_level = "INFO"

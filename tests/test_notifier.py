@@ -75,13 +75,6 @@ class Relay:
 
 
 @pytest.fixture
-def sink() -> Iterator[PushSink]:
-    s = PushSink()
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
     r = Relay(tmp_path, sink.url)
     r.notifier.start()

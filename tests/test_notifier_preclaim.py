@@ -20,13 +20,6 @@ from devstack.pushsink import PushSink
 
 
 @pytest.fixture
-def sink() -> Iterator[PushSink]:
-    s = PushSink()
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
     """A started relay whose one user has the token ``phone``; the sink answers slowly."""
     sink.delay = 0.3

@@ -9,9 +9,6 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
-
-import pytest
 
 from devstack.loopback import free_port
 from devstack.pushsink import PushSink
@@ -27,13 +24,6 @@ FAST_RETRIES = {
     "notify_deadline": "60",
     "notify_timeout": "5",
 }
-
-
-@pytest.fixture
-def sink() -> Iterator[PushSink]:
-    s = PushSink()
-    yield s
-    s.close()
 
 
 def point_relay_at(relay, url: str, **extra: str) -> None:

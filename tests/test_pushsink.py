@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from devstack.pushsink import PushSink
-
-
-@pytest.fixture
-def sink() -> Iterator[PushSink]:
-    s = PushSink()
-    yield s
-    s.close()
 
 
 def _exchange(sink: PushSink, data: bytes, replies: int) -> bytes:
