@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import test_notifier
 from test_notifier import wait_until
 
 from chatmaild.database import connect
@@ -23,7 +22,6 @@ from chatmaild.notifier import Notifier
 from chatmaild.pushtransport import HttpPushTransport, PushTransport
 from devstack.pushsink import PushSink
 
-sink = test_notifier.sink  # the same per-test PushSink fixture
 USER = "alice@example.org"
 FAST = RetryPolicy(delays=(0.05, 0.05, 0.05), max_attempts=4, deadline=60.0)
 
