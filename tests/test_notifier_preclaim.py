@@ -26,6 +26,9 @@ def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
     r = Relay(tmp_path, sink.url)
     r.notifier.start()
     r.add_token("phone")
+    # Jobs are written claimed only for a worker already waiting: start() returns before
+    # the worker threads reach the queue (CI once committed the first job before that).
+    wait_until(lambda: r.notifier.queue.idle_takers() == r.notifier.workers)
     yield r
     r.close()
 
