@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -129,6 +131,32 @@ def test_many_short_connections(server):
         results = list(pool.map(one, range(300)))
     assert results == [[b"Otok"] if i % 2 == 0 else [b"N"] for i in range(300)]
     assert server.stats.connections == 301
+
+
+def test_closed_connections_leave_no_cyclic_garbage(server):
+    """Dovecot 2.3 connects per command: a connection's objects must be freed by reference
+    counting when it closes, not left for the cyclic GC (it was ~10 objects each)."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for i in range(20):
+            cl = Client(server.path)
+            cl.send(HELLO + b"L" + priv("devicetoken") + f"\t{ALICE}\n".encode())
+            cl.send(set_cmd(str(i + 1), priv("k"), b"v"))
+            assert cl.lines(2) == [b"N", f"O{i + 1}".encode()]
+            cl.close()
+        deadline = time.monotonic() + 10
+        while server.stats.open_connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stats.open_connections == 0
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, DictProtocol)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 def test_long_lived_connection(server):
