@@ -19,7 +19,18 @@ from pathlib import Path
 
 SCHEMA_VERSION = 2
 
-_SCHEMA = """
+# The push queue's columns: in the schema, and in the rebuild of an older file's table.
+_JOBS_COLUMNS = """\
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: see _JOBS_WITH_AUTOINCREMENT
+    user     TEXT NOT NULL,
+    token    TEXT NOT NULL,
+    created  REAL NOT NULL,
+    deadline REAL NOT NULL,
+    due      REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+"""
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS attributes (
     user  TEXT NOT NULL,
     key   BLOB NOT NULL,
@@ -38,14 +49,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 
 CREATE TABLE IF NOT EXISTS jobs (
-    id       INTEGER PRIMARY KEY,
-    user     TEXT NOT NULL,
-    token    TEXT NOT NULL,
-    created  REAL NOT NULL,
-    deadline REAL NOT NULL,
-    due      REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
+{_JOBS_COLUMNS});
 -- At most one not-yet-attempted job per (user, token): this is the coalescing rule.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_fresh ON jobs (user, token) WHERE attempts = 0;
 """
@@ -80,6 +84,24 @@ CREATE TABLE IF NOT EXISTS service (
 );
 """,
 }
+
+
+# Job ids never come back (AUTOINCREMENT): a plain rowid is reused once the highest row
+# is deleted, which every finished push does, while the notifier may still hold a ticket
+# of the deleted job (a retry's, due hours later).  A reused id made that ticket claim
+# another token's job (an attempt counted twice) or hold a new job of the same token
+# back until the old retry's due time.  Measured: ~9 us more per inserting transaction
+# (the sqlite_sequence row).  Not a schema version of its own: the queries are the same,
+# so a version 2 program rolled back to still opens the file.
+_JOBS_WITH_AUTOINCREMENT = f"""
+CREATE TABLE jobs_autoincrement (
+{_JOBS_COLUMNS});
+INSERT INTO jobs_autoincrement (id, user, token, created, deadline, due, attempts)
+    SELECT id, user, token, created, deadline, due, attempts FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_autoincrement RENAME TO jobs;
+CREATE UNIQUE INDEX jobs_fresh ON jobs (user, token) WHERE attempts = 0;
+"""
 
 
 _WRITE_LOCKS: dict[str, threading.Lock] = {}
@@ -159,6 +181,7 @@ def connect(
             conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(_SCHEMA)
         _migrate(conn, path)
+        _ids_never_reused(conn)
     except sqlite3.DatabaseError as exc:
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     return conn
@@ -183,6 +206,22 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             for statement in _statements(_MIGRATIONS[step]):
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _ids_never_reused(conn: sqlite3.Connection) -> None:
+    """Rebuild a ``jobs`` table made without AUTOINCREMENT (by an earlier version; see
+    above), once per file."""
+
+    def rebuilt() -> bool:
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()[0]
+        return "AUTOINCREMENT" in sql.upper()
+
+    if rebuilt():
+        return
+    with Writer(conn).transaction():
+        if not rebuilt():  # another process may have done it while we waited
+            for statement in _statements(_JOBS_WITH_AUTOINCREMENT):
+                conn.execute(statement)
 
 
 def _statements(script: str) -> list[str]:

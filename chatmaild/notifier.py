@@ -290,13 +290,10 @@ class Notifier:
         """
         key = ticket[1], ticket[2]
         with self._lock:
-            claimed = self._claimed.get(ticket[0])
-            # Job ids are rowids, reused once the highest row is deleted: a ticket left
-            # over for a deleted job may carry the id of another token's claimed job.
-            if claimed is not None and (claimed.user, claimed.token) == key:
-                del self._claimed[ticket[0]]  # its key is in flight: ours
-            else:
-                claimed = None
+            # Written claimed by the dict commit: its key is in flight already, for it.
+            # (Job ids are never reused, AUTOINCREMENT, so the id names this ticket's job.)
+            claimed = self._claimed.pop(ticket[0], None)
+            if claimed is None:
                 if key in self._in_flight:
                     self._parked.setdefault(key, set()).add(ticket)
                     return
@@ -323,11 +320,6 @@ class Notifier:
         job = claimed or commits.claim(store, ticket[0])
         if job is None:
             return  # finished, removed with its token, or never committed
-        if (job.user, job.token) != (ticket[1], ticket[2]):
-            # The ticket's job is gone and its id reused by another token's job, which
-            # its own ticket sends (this claim counted one attempt too many on it).
-            log.debug("notifier job %d is another token's now; its own ticket sends it", job.id)
-            return
         now = self.clock()
         expired = self.policy.expired(job.deadline, now)
         if job.attempts > self.policy.max_attempts or expired:

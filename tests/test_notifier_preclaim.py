@@ -115,13 +115,14 @@ class _ScriptedTransport:
         pass
 
 
-def test_a_stale_ticket_whose_job_id_was_reused_takes_nobody_elses_job(
+def test_a_stale_ticket_takes_nobody_elses_job_and_ids_are_not_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Job ids are rowids, reused once the highest row is deleted: a ticket left over for a
-    deleted job (parked behind a push answered GONE) may carry the id of a job written
-    claimed since, for another token.  It must not send that job nor free the wrong key,
-    which left the other token's key in flight for good (its pushes parked forever)."""
+    """A ticket left over for a deleted job (parked behind a push answered GONE) finds its
+    row gone and does nothing.  Job ids are never handed out again (AUTOINCREMENT): with plain
+    rowids the next job took the deleted one's id, so the stale ticket claimed another
+    token's job written claimed since (its attempt counted twice) and, before the tickets
+    were matched by token, freed the wrong key (that token's pushes parked for good)."""
     relay = Relay(tmp_path, "http://127.0.0.1:9/unused", workers=0)  # tickets run by hand
     relay.notifier.start()
     notifier = relay.notifier
@@ -148,9 +149,14 @@ def test_a_stale_ticket_whose_job_id_was_reused_takes_nobody_elses_job(
         assert transport.pushed == ["dead"]
         stale = notifier.queue.get()
         assert stale == (3, USER, "dead")  # job 3's ticket is back, its row is gone
-        relay.new_mail("b@x.org")  # job 2 again
-        relay.new_mail("d@x.org")  # job 3 again, written claimed for "d"
+        relay.new_mail("b@x.org")
+        relay.new_mail("d@x.org")  # written claimed for "d"
+        ids = [i for (i,) in relay.conn.execute("SELECT id FROM jobs ORDER BY id")]
+        assert ids == [1, 4, 5]  # not 2 and 3 again
         notifier._run(store, transport, stale)
+        assert relay.conn.execute("SELECT id, attempts FROM jobs WHERE id = 5").fetchall() == [
+            (5, 1)  # the claim at enqueue only
+        ]
         for _ in range(2):
             notifier._run(store, transport, notifier.queue.get())
         assert sorted(transport.pushed) == ["b", "d", "dead"]  # "d" once, by its own ticket

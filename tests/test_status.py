@@ -256,8 +256,14 @@ def test_version_1_database_is_migrated_on_open_and_keeps_its_rows(tmp_path, ini
     conn = connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert conn.execute("SELECT count(*) FROM tokens").fetchone()[0] == 1
-    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+    assert conn.execute("SELECT id, token FROM jobs").fetchall() == [(1, "t")]
     JobStore(conn).finish(1, PushRecord(outcomelog.SENT, "200", time.time()))
+    # rebuilt with AUTOINCREMENT: the id of the deleted (highest) job is not handed out again
+    new_id = conn.execute(
+        "INSERT INTO jobs(user, token, created, deadline, due) VALUES ('a@x','t',1,2,1)"
+        " RETURNING id"
+    ).fetchone()[0]
+    assert new_id == 2
     conn.close()
     conn = connect(path)  # a second open changes nothing
     assert outcomelog.counts_since(conn, 0)["sent"] == {"200": 1}
