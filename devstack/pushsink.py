@@ -94,6 +94,8 @@ class PushSink:
         self._cond = threading.Condition(self._lock)
         self._connections: set[socket.socket] = set()
         self._closed = False
+        self._answering = threading.Event()  # cleared: requests wait unanswered (in flight)
+        self._answering.set()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # As http.server's: a sink can come back on the port a closed one used.
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -170,6 +172,7 @@ class PushSink:
     def _record(self, head: _Head, body: bytes) -> int:
         """Decide the answer (after ``delay``) and record the request; returns the status."""
         arrived = time.time()
+        self._answering.wait()
         if self.delay:
             time.sleep(self.delay)
         status = self._answer(body.decode("utf-8", "replace"))
@@ -185,6 +188,17 @@ class PushSink:
             if script:
                 return script.pop(0)
             return self.default_status
+
+    # -- holding pushes in flight ----------------------------------------------
+    def hold_answers(self) -> None:
+        """Requests from now on are read and then left unanswered until
+        ``release_answers()``: a push stays in flight for exactly as long as a test needs,
+        however slow the machine (a ``delay`` ends on its own, maybe before the test looked)."""
+        self._answering.clear()
+
+    def release_answers(self) -> None:
+        """Answer the held requests, and every later one at once (or after ``delay``)."""
+        self._answering.set()
 
     # -- what tests read ------------------------------------------------------
     def bodies(self) -> list[bytes]:
@@ -217,6 +231,7 @@ class PushSink:
         with self._lock:
             self._closed = True
             connections = list(self._connections)
+        self._answering.set()  # held requests end (their connections are dropped below)
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
         self._listener.close()
