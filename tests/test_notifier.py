@@ -210,7 +210,9 @@ def test_dropped_after_max_attempts(relay: Relay, sink: PushSink) -> None:
 
 
 def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
-    policy = RetryPolicy(delays=(0.3,) * 4, max_attempts=5, deadline=0.5)
+    # Seconds, not tenths: with a 0.5 s deadline a loaded machine's first attempt (thread
+    # start, connect, POST) could end past it, and the job was dropped after one.
+    policy = RetryPolicy(delays=(1.2,) * 4, max_attempts=5, deadline=2.0)
     r = Relay(tmp_path, sink.url, policy)
     r.notifier.start()
     try:
@@ -218,7 +220,7 @@ def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
         sink.scripts["slowdeath"] = [500] * 10
         r.new_mail()
         wait_until(lambda: r.jobs() == 0)
-        # t=0, about t=0.3, and t=0.5: the next (about t=0.6) would land past the deadline,
+        # t=0, about t=1.2, and t=2: the next (about t=2.4) would land past the deadline,
         # so the last attempt is at it; dropped long before the 5 attempts the policy allows
         # (2 when the machine is so slow that the second attempt ends past the deadline).
         assert 2 <= len(sink.requests) <= 3
