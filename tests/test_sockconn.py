@@ -68,6 +68,8 @@ def test_a_slow_reader_gets_partial_sends_bounded_output_and_every_reply_in_orde
         _store_big_values(client)
         lookup = b"L" + priv("comment") + b"\t" + ALICE.encode()
         client.send(wire(*[lookup] * LOOKUPS))  # and read nothing for now
+        # The server has begun (a stalled one looked "still" for 0.5 s before its first reply).
+        _wait_for(lambda: _buffered(server) > 0, "replies to be left unsent")
 
         peak, answered, still_since = 0, -1, time.monotonic()
         while time.monotonic() - still_since < 0.5:  # until the server stops answering
