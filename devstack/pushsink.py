@@ -14,6 +14,7 @@ the same two cores in the LMTP benchmark (bench/bench_notifier.py).
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -201,6 +202,15 @@ class PushSink:
         self._answering.set()
 
     # -- what tests read ------------------------------------------------------
+    def idle(self) -> bool:
+        """No connection open and none waiting to be accepted: every request that
+        reached the sink, held or delayed, is in ``requests`` (after a client died, say)."""
+        with self._lock:
+            if self._connections:
+                return False
+        waiting, _, _ = select.select([self._listener], [], [], 0)
+        return not waiting
+
     def bodies(self) -> list[bytes]:
         with self._lock:
             return [r.body for r in self.requests]
