@@ -102,6 +102,7 @@ class PushSink:
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((HOST, self.port))
         self._listener.listen(128)
+        self._listener.setblocking(False)  # accept() only when select() says one waits
         self.port = self._listener.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}/notify"
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -111,15 +112,23 @@ class PushSink:
     def _accept(self) -> None:
         while True:
             try:
-                conn, _ = self._listener.accept()
-            except OSError:
+                select.select([self._listener], [], [])
+            except (OSError, ValueError):
                 return  # closed
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Taken and counted as one step under the lock: idle() never sees a connection
+            # that is neither waiting nor open (accepted, not yet in the set).
             with self._lock:
                 if self._closed:
-                    conn.close()
                     return
+                try:
+                    conn, _ = self._listener.accept()
+                except BlockingIOError:
+                    continue  # the client went away before it was taken
+                except OSError:
+                    return  # closed
                 self._connections.add(conn)
+            conn.setblocking(True)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -208,8 +217,8 @@ class PushSink:
         with self._lock:
             if self._connections:
                 return False
-        waiting, _, _ = select.select([self._listener], [], [], 0)
-        return not waiting
+            waiting, _, _ = select.select([self._listener], [], [], 0)
+            return not waiting
 
     def bodies(self) -> list[bytes]:
         with self._lock:
