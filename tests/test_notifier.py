@@ -39,7 +39,9 @@ class Relay:
         self.store = MetadataStore(self.conn)
         self.notifier = Notifier(
             lambda: JobStore.open(self.db_path),
-            lambda: HttpPushTransport(url, timeout=2.0),
+            # Far beyond any answer a test holds back (sink.hold_answers): a held push is in
+            # flight, not timed out and retried, however slow the machine.
+            lambda: HttpPushTransport(url, timeout=60.0),
             workers,
             policy,
         )
@@ -79,6 +81,7 @@ def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
     r = Relay(tmp_path, sink.url)
     r.notifier.start()
     yield r
+    sink.release_answers()  # a test that failed holding them: the workers stop at once
     r.close()
 
 

@@ -188,6 +188,7 @@ def test_a_job_no_idle_worker_can_take_is_written_fresh(tmp_path: Path, sink: Pu
         wait_until(lambda: relay.jobs() == 0)
         assert sorted(sink.bodies()) == [b"phone", b"tablet"]
     finally:
+        sink.release_answers()
         relay.close()
 
 
