@@ -224,7 +224,7 @@ class PushSink:
         with self._lock:
             return [r.body for r in self.requests]
 
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[Received]:
         """Wait until at least ``count`` requests arrived; return them (raises on timeout)."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -235,7 +235,7 @@ class PushSink:
                 self._cond.wait(left)
             return list(self.requests)
 
-    def wait_for_body(self, body: bytes, timeout: float = 10.0) -> None:
+    def wait_for_body(self, body: bytes, timeout: float = 30.0) -> None:
         """Wait until a request with exactly ``body`` arrived (raises on timeout)."""
         deadline = time.monotonic() + timeout
         with self._cond:
