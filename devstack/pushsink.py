@@ -252,7 +252,7 @@ class PushSink:
             connections = list(self._connections)
         self._answering.set()  # held requests end (their connections are dropped below)
         with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the select()
         self._listener.close()
         self._thread.join(5)
         for conn in connections:
