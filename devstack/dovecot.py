@@ -402,7 +402,7 @@ class DovecotInstance(LogFile):
 
     # -- log: see LogFile ---------------------------------------------------
 
-    def wait_for_log(self, needle: str, offset: int = 0, timeout: float = 10.0) -> None:
+    def wait_for_log(self, needle: str, offset: int = 0, timeout: float = 30.0) -> None:
         """Dovecot's log process writes asynchronously: poll for ``needle``."""
         wait_until(lambda: needle in self.log_since(offset), timeout, f"{needle!r} in Dovecot log")
 

@@ -64,11 +64,21 @@ def unix_listening(path: Path) -> bool:
         return True
 
 
-def hold_connections(family: int, address: object, count: int, seconds: float) -> None:
+def hold_connections(
+    family: int,
+    address: object,
+    count: int,
+    seconds: float,
+    reached: Callable[[], bool] | None = None,
+    timeout: float = 30.0,
+) -> None:
     """Connect ``count`` clients to a local server, hold them ``seconds``, close them.
 
     More clients than the server has descriptors for put it at its fd limit (the
     rest wait in its backlog): the fd-limit tests and the "faults" benchmark.
+    ``reached``: the ``seconds`` count from when it first returns true (the server
+    says it is at its limit), not from the last connect: a loaded server may take a
+    while to accept them all.
     """
     held: list[socket.socket] = []
     try:
@@ -78,6 +88,8 @@ def hold_connections(family: int, address: object, count: int, seconds: float) -
             sock.setblocking(False)
             with contextlib.suppress(BlockingIOError):
                 sock.connect(address)
+        if reached is not None:
+            wait_until(reached, timeout, "the server to reach its fd limit")
         time.sleep(seconds)
     finally:
         for sock in held:

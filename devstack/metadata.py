@@ -163,7 +163,7 @@ class MetadataServer(LogFile):
     def count_in_log(self, needle: str, offset: int = 0) -> int:
         return self.log_since(offset).count(needle)
 
-    def wait_for_log(self, needle: str, offset: int = 0, count: int = 1, timeout=10.0) -> None:
+    def wait_for_log(self, needle: str, offset: int = 0, count: int = 1, timeout=30.0) -> None:
         wait_until(
             lambda: self.count_in_log(needle, offset) >= count,
             timeout,

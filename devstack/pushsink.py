@@ -14,6 +14,7 @@ the same two cores in the LMTP benchmark (bench/bench_notifier.py).
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -94,11 +95,14 @@ class PushSink:
         self._cond = threading.Condition(self._lock)
         self._connections: set[socket.socket] = set()
         self._closed = False
+        self._answering = threading.Event()  # cleared: requests wait unanswered (in flight)
+        self._answering.set()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # As http.server's: a sink can come back on the port a closed one used.
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((HOST, self.port))
         self._listener.listen(128)
+        self._listener.setblocking(False)  # accept() only when select() says one waits
         self.port = self._listener.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}/notify"
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -108,15 +112,23 @@ class PushSink:
     def _accept(self) -> None:
         while True:
             try:
-                conn, _ = self._listener.accept()
-            except OSError:
+                select.select([self._listener], [], [])
+            except (OSError, ValueError):
                 return  # closed
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Taken and counted as one step under the lock: idle() never sees a connection
+            # that is neither waiting nor open (accepted, not yet in the set).
             with self._lock:
                 if self._closed:
-                    conn.close()
                     return
+                try:
+                    conn, _ = self._listener.accept()
+                except BlockingIOError:
+                    continue  # the client went away before it was taken
+                except OSError:
+                    return  # closed
                 self._connections.add(conn)
+            conn.setblocking(True)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -170,6 +182,7 @@ class PushSink:
     def _record(self, head: _Head, body: bytes) -> int:
         """Decide the answer (after ``delay``) and record the request; returns the status."""
         arrived = time.time()
+        self._answering.wait()
         if self.delay:
             time.sleep(self.delay)
         status = self._answer(body.decode("utf-8", "replace"))
@@ -186,12 +199,32 @@ class PushSink:
                 return script.pop(0)
             return self.default_status
 
+    # -- holding pushes in flight ----------------------------------------------
+    def hold_answers(self) -> None:
+        """Requests from now on are read and then left unanswered until
+        ``release_answers()``: a push stays in flight for exactly as long as a test needs,
+        however slow the machine (a ``delay`` ends on its own, maybe before the test looked)."""
+        self._answering.clear()
+
+    def release_answers(self) -> None:
+        """Answer the held requests, and every later one at once (or after ``delay``)."""
+        self._answering.set()
+
     # -- what tests read ------------------------------------------------------
+    def idle(self) -> bool:
+        """No connection open and none waiting to be accepted: every request that
+        reached the sink, held or delayed, is in ``requests`` (after a client died, say)."""
+        with self._lock:
+            if self._connections:
+                return False
+            waiting, _, _ = select.select([self._listener], [], [], 0)
+            return not waiting
+
     def bodies(self) -> list[bytes]:
         with self._lock:
             return [r.body for r in self.requests]
 
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[Received]:
         """Wait until at least ``count`` requests arrived; return them (raises on timeout)."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -202,7 +235,7 @@ class PushSink:
                 self._cond.wait(left)
             return list(self.requests)
 
-    def wait_for_body(self, body: bytes, timeout: float = 10.0) -> None:
+    def wait_for_body(self, body: bytes, timeout: float = 30.0) -> None:
         """Wait until a request with exactly ``body`` arrived (raises on timeout)."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -217,8 +250,9 @@ class PushSink:
         with self._lock:
             self._closed = True
             connections = list(self._connections)
+        self._answering.set()  # held requests end (their connections are dropped below)
         with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the select()
         self._listener.close()
         self._thread.join(5)
         for conn in connections:

@@ -12,6 +12,8 @@ enabled or disabled and why; a broken key file is a ProviderConfigError.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from . import forwarding, openpgp
 from .debounce import Debouncer
@@ -50,8 +52,14 @@ def build_providers(settings: ProxySettings) -> dict[Kind, Provider]:
     return providers
 
 
-def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = None) -> NotifyService:
-    """A :class:`NotifyService` with the enabled providers, debouncer and metrics."""
+def build_service(
+    settings: ProxySettings,
+    *,
+    metrics: ProxyMetrics | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> NotifyService:
+    """A :class:`NotifyService` with the enabled providers, debouncer and metrics.
+    ``clock`` times the debounce windows (a test holds it still to stay inside one)."""
     providers = build_providers(settings)
     decryptor = openpgp.build(settings)
     upstream = forwarding.build(settings)
@@ -73,4 +81,5 @@ def build_service(settings: ProxySettings, *, metrics: ProxyMetrics | None = Non
         decryptor=decryptor,
         upstream=upstream,
         forward_all=settings.forward_all,
+        clock=clock,
     )

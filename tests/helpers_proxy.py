@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from notifiers.metrics import ProxyMetrics
 from notifiers.providers.base import Delivery, Provider
 
@@ -18,6 +20,33 @@ class Recording(Provider):
     async def send(self, token):
         self.sent.append(token.raw)
         return Delivery.sent()
+
+
+class HeldClock:
+    """``time.monotonic``, except that it stands still between ``hold()`` and ``release()``.
+
+    A test whose steps must all fall inside one debounce window holds the clock for them:
+    however slow the machine, the window cannot end halfway (a real 0.3 s window did end
+    on a loaded one).  Released, it runs on from where it stood, so the trailing sends come
+    one real window later, as they would.
+    """
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._held_at: float | None = None
+
+    def __call__(self) -> float:
+        if self._held_at is not None:
+            return self._held_at
+        return time.monotonic() - self._offset
+
+    def hold(self) -> None:
+        self._held_at = self()
+
+    def release(self) -> None:
+        assert self._held_at is not None, "the clock was not held"
+        self._offset = time.monotonic() - self._held_at
+        self._held_at = None
 
 
 def sample(metrics: ProxyMetrics, name: str, **labels: str) -> float:

@@ -79,7 +79,7 @@ def test_the_dict_server_backs_off_at_the_fd_limit_and_answers_afterwards(tmp_pa
         )
     try:
         _wait_for_socket(path, proc)
-        _hold_then_release(socket.AF_UNIX, str(path))
+        _hold_then_release(socket.AF_UNIX, str(path), log_path)
         reply = _lookup(path, ANSWER_TIMEOUT)
         assert reply.endswith(b"\n") and reply[:1] in (b"O", b"N")
         _wait_for_log(log_path, "accepting again", ANSWER_TIMEOUT)
@@ -112,7 +112,7 @@ def test_the_proxy_backs_off_at_the_fd_limit_and_answers_afterwards(tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_for_log(log_path, "metrics on", ANSWER_TIMEOUT)
-        _hold_then_release(socket.AF_INET, ("127.0.0.1", port))
+        _hold_then_release(socket.AF_INET, ("127.0.0.1", port), log_path)
         with urllib.request.urlopen(base + "/", timeout=ANSWER_TIMEOUT) as answer:
             assert answer.status == 200
         _wait_for_log(log_path, "accepting again", ANSWER_TIMEOUT)
@@ -126,9 +126,14 @@ def test_the_proxy_backs_off_at_the_fd_limit_and_answers_afterwards(tmp_path):
     assert "listener_accept_pauses_total 1.0" in metrics
 
 
-def _hold_then_release(family: int, address) -> None:
-    """Connect more clients than the server has descriptors for, hold them, close them."""
-    hold_connections(family, address, HOLD, AT_LIMIT_SECONDS)
+def _hold_then_release(family: int, address, log_path: Path) -> None:
+    """Connect more clients than the server has descriptors for, hold them (for
+    AT_LIMIT_SECONDS after the server says it paused accepting), close them."""
+
+    def paused() -> bool:
+        return "accepting paused" in log_path.read_text(errors="replace")
+
+    hold_connections(family, address, HOLD, AT_LIMIT_SECONDS, paused, ANSWER_TIMEOUT)
 
 
 def _assert_one_episode(text: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers_proxy import APNS, Recording, sample
+from helpers_proxy import APNS, HeldClock, Recording, sample
 
 from devstack.loopback import free_port
 from devstack.openpgp_tokens import encrypt_token, generate_key, write_keyring
@@ -51,8 +51,11 @@ class Pair:
         return resp.status
 
 
-def run_pair(tmp_path, central_key, test, *, front_key=None, window=0.3, forward_all=False):
-    """Serve an upstream proxy (keyring: central_key) and a front proxy forwarding to it."""
+def run_pair(
+    tmp_path, central_key, test, *, front_key=None, window=0.3, forward_all=False, clock=None
+):
+    """Serve an upstream proxy (keyring: central_key) and a front proxy forwarding to it
+    (its debounce windows timed by ``clock``, a :class:`HeldClock` a test may hold)."""
 
     async def main():
         apns = Recording()
@@ -65,6 +68,7 @@ def run_pair(tmp_path, central_key, test, *, front_key=None, window=0.3, forward
                 upstream=Upstream(url, timeout=5),
                 forward_all=forward_all,
                 debouncer=Debouncer(window),
+                clock=clock or HeldClock(),
             )
             pair = Pair(front, central, apns)
             async with TestClient(TestServer(make_app(front), host="127.0.0.1")) as client:
@@ -83,14 +87,17 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 
 def test_unknown_recipient_is_debounced_then_forwarded(tmp_path, central_key, relay_key):
     token = encrypt_token(APNS, central_key)  # the relay cannot open it
+    clock = HeldClock()
 
     async def test(pair: Pair):
+        clock.hold()  # the three hits fall inside one window, however long decryption takes
         assert await pair.notify(token) == 200
         assert pair.apns.sent == [APNS]  # the upstream decrypted and sent it
         assert await pair.notify(token) == 200  # debounced at the front, on the ciphertext
         assert await pair.notify(token) == 200
         assert pair.apns.sent == [APNS]
         assert sample(pair.front.metrics, "debounced_notifications_total") == 2
+        clock.release()
 
         def arrived() -> float:  # requests the upstream got: sent, or debounced there
             return len(pair.apns.sent) + sample(
@@ -103,7 +110,7 @@ def test_unknown_recipient_is_debounced_then_forwarded(tmp_path, central_key, re
         assert sample(pair.front.metrics, "forwarded_notifications_total", status="200") == 2
         assert sample(pair.front.metrics, "openpgp_decryption_failures_total") == 0
 
-    run_pair(tmp_path, central_key, test, front_key=relay_key)
+    run_pair(tmp_path, central_key, test, front_key=relay_key, clock=clock)
 
 
 def test_own_tokens_are_decrypted_locally(tmp_path, central_key, relay_key):

@@ -139,7 +139,16 @@ async def test_timeout_resets_the_stream_and_frees_it(limited, ca_path):
 
 
 async def test_goaway_mid_flight_drains_and_retries_refused(server, ca_path):
-    server.default = Reply(200, delay=0.3)
+    def first_connection_slow(request: Request) -> Reply:
+        # The first two streams are answered after 0.3 s; the last two never before the
+        # GOAWAY that refuses them, however late it comes (a fixed 0.3 s for all four let
+        # a stalled test answer them first).
+        if request.connection == 1:
+            arrived = sum(r.connection == 1 for r in server.requests)
+            return Reply(200, delay=0.3 if arrived <= 2 else 60.0)
+        return Reply(200)
+
+    server.handler = first_connection_slow
     client = client_for(server, ca_path)
     try:
         first = [asyncio.ensure_future(post(client, f"/a{i}")) for i in range(4)]

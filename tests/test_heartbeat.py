@@ -464,17 +464,20 @@ def test_notifiers_program_sends_heartbeats_and_refuses_a_sled_db(tmp_path):
     port, mport = free_port(), free_port()
     db = tmp_path / "heartbeats.sqlite3"
     args = ["--port", str(port), "--metrics", f"127.0.0.1:{mport}", "--db", str(db)]
+    # Type=notify readiness: the API port accepting is not enough, the metrics listener
+    # is bound after it (a loaded machine got a refused connection on it).
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ready.bind(str(tmp_path / "notify.socket"))
+    ready.settimeout(20)
     proc = subprocess.Popen(
-        [*cli, *args, "--interval", "1s"], stderr=subprocess.PIPE, text=True, env=os.environ
+        [*cli, *args, "--interval", "1s"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.socket")},
     )
     try:
+        assert ready.recv(100) == b"READY=1"  # both listeners up, heartbeats started
         deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/register", data=json.dumps({"token": device(1)}).encode()
         )
@@ -486,6 +489,7 @@ def test_notifiers_program_sends_heartbeats_and_refuses_a_sled_db(tmp_path):
         assert "heartbeat_tokens 1.0" in _get(metrics)
         _, err = stop_and_collect(proc, 20)
     finally:
+        ready.close()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()

@@ -39,7 +39,9 @@ class Relay:
         self.store = MetadataStore(self.conn)
         self.notifier = Notifier(
             lambda: JobStore.open(self.db_path),
-            lambda: HttpPushTransport(url, timeout=2.0),
+            # Far beyond any answer a test holds back (sink.hold_answers): a held push is in
+            # flight, not timed out and retried, however slow the machine.
+            lambda: HttpPushTransport(url, timeout=60.0),
             workers,
             policy,
         )
@@ -79,6 +81,7 @@ def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
     r = Relay(tmp_path, sink.url)
     r.notifier.start()
     yield r
+    sink.release_answers()  # a test that failed holding them: the workers stop at once
     r.close()
 
 
@@ -177,7 +180,9 @@ def test_500_is_retried_until_200(relay: Relay, sink: PushSink) -> None:
 def test_closed_port_is_retried_then_succeeds(tmp_path: Path, sink: PushSink) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/notify"
-    policy = RetryPolicy(delays=(0.2,) * 4, max_attempts=5, deadline=60.0)
+    # Attempts enough for the deadline: five 0.2 s apart were spent before a loaded machine
+    # got the test thread round to opening the port (the job dropped, never sent).
+    policy = RetryPolicy(delays=(0.2,), max_attempts=300, deadline=60.0)
     r = Relay(tmp_path, url, policy)
     r.notifier.start()
     try:
@@ -208,7 +213,9 @@ def test_dropped_after_max_attempts(relay: Relay, sink: PushSink) -> None:
 
 
 def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
-    policy = RetryPolicy(delays=(0.3,) * 4, max_attempts=5, deadline=0.5)
+    # Seconds, not tenths: with a 0.5 s deadline a loaded machine's first attempt (thread
+    # start, connect, POST) could end past it, and the job was dropped after one.
+    policy = RetryPolicy(delays=(1.2,) * 4, max_attempts=5, deadline=2.0)
     r = Relay(tmp_path, sink.url, policy)
     r.notifier.start()
     try:
@@ -216,7 +223,7 @@ def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
         sink.scripts["slowdeath"] = [500] * 10
         r.new_mail()
         wait_until(lambda: r.jobs() == 0)
-        # t=0, about t=0.3, and t=0.5: the next (about t=0.6) would land past the deadline,
+        # t=0, about t=1.2, and t=2: the next (about t=2.4) would land past the deadline,
         # so the last attempt is at it; dropped long before the 5 attempts the policy allows
         # (2 when the machine is so slow that the second attempt ends past the deadline).
         assert 2 <= len(sink.requests) <= 3
@@ -227,9 +234,10 @@ def test_dropped_after_deadline(tmp_path: Path, sink: PushSink) -> None:
 
 def test_coalescing_while_endpoint_is_slow(relay: Relay, sink: PushSink) -> None:
     relay.add_token("busy")
-    sink.delay = 0.3
+    sink.hold_answers()  # the endpoint is slow: every push stays in flight until all mail is in
     for _ in range(200):
         assert relay.new_mail().startswith(b"O")
+    sink.release_answers()
     sink.wait_for(1)
     wait_until(lambda: relay.jobs() == 0)
     # The first job may be in flight when later mails arrive: at most one more is queued.
@@ -239,12 +247,11 @@ def test_coalescing_while_endpoint_is_slow(relay: Relay, sink: PushSink) -> None
 
 def test_in_flight_job_does_not_absorb_new_mail(relay: Relay, sink: PushSink) -> None:
     relay.add_token("phone")
-    sink.delay = 0.3
+    sink.hold_answers()
     relay.new_mail()
-    wait_until(
-        lambda: relay.notifier.metrics.latency._sum.get() > 0 or sink.requests or _attempted(relay)
-    )
-    relay.new_mail()  # the first one is in flight now
+    wait_until(lambda: _attempted(relay))
+    relay.new_mail()  # the first one is in flight now (its answer held)
+    sink.release_answers()
     sink.wait_for(2)
     assert sink.bodies() == [b"phone", b"phone"]
 

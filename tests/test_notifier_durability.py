@@ -148,7 +148,9 @@ def test_kill9_mid_request_repeats_no_attempt(tmp_path: Path) -> None:
         proc.wait()
     attempts_at_kill = dict(jobs(db))
     assert sorted(attempts_at_kill) == sorted(tokens)
-    time.sleep(1.2)  # the in-flight requests of the dead process finish at the sink
+    # The in-flight requests of the dead process finish at the sink (a fixed 1.2 s for
+    # its 1 s delay left a loaded sink recording one late, counted as resumed twice).
+    wait_until(sink.idle)
     started = Counter(b.decode() for b in sink.bodies())
     # Every request that reached the sink was counted as an attempt before it was sent.
     for tok in tokens:

@@ -21,8 +21,9 @@ from devstack.pushsink import PushSink
 
 @pytest.fixture
 def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
-    """A started relay whose one user has the token ``phone``; the sink answers slowly."""
-    sink.delay = 0.3
+    """A started relay whose one user has the token ``phone``; the sink holds its answers
+    (every push stays in flight) until the test calls ``sink.release_answers()``."""
+    sink.hold_answers()
     r = Relay(tmp_path, sink.url)
     r.notifier.start()
     r.add_token("phone")
@@ -30,6 +31,7 @@ def relay(tmp_path: Path, sink: PushSink) -> Iterator[Relay]:
     # the worker threads reach the queue (CI once committed the first job before that).
     wait_until(lambda: r.notifier.queue.idle_takers() == r.notifier.workers)
     yield r
+    sink.release_answers()  # a test that failed holding them: the workers stop at once
     r.close()
 
 
@@ -43,6 +45,7 @@ def test_first_attempt_is_on_disk_with_the_commit_and_needs_no_claim(
     assert relay.new_mail().startswith(b"O")
     # Right after the C reply: the attempt is counted, before any request is sent.
     assert _attempts(relay) == [1]
+    sink.release_answers()
     sink.wait_for(1)
     wait_until(lambda: relay.jobs() == 0)
     commits = relay.notifier._commits
@@ -55,6 +58,7 @@ def test_second_delivery_in_flight_waits_fresh_and_coalesces(relay: Relay, sink:
     relay.new_mail()  # the first push is in flight (or about to be): a fresh job
     relay.new_mail()  # absorbed by that fresh job
     assert sorted(_attempts(relay)) == [0, 1]
+    sink.release_answers()
     sink.wait_for(2)
     wait_until(lambda: relay.jobs() == 0)
     time.sleep(0.1)
@@ -173,7 +177,7 @@ def test_a_job_no_idle_worker_can_take_is_written_fresh(tmp_path: Path, sink: Pu
     """Pre-claiming counts the attempt at enqueue: only right for a job a worker takes at
     once.  One queued behind busy workers stays fresh, or a kill -9 would cost it an
     attempt it never made (with max_attempts=1 it would be dropped unsent)."""
-    sink.delay = 0.5
+    sink.hold_answers()  # the one worker stays busy with "phone" until released
     relay = Relay(tmp_path, sink.url, workers=1)
     try:
         relay.notifier.start()
@@ -185,10 +189,12 @@ def test_a_job_no_idle_worker_can_take_is_written_fresh(tmp_path: Path, sink: Pu
         assert relay.new_mail(user="b@example.org").startswith(b"O")
         rows = dict(relay.conn.execute("SELECT token, attempts FROM jobs"))
         assert rows["tablet"] == 0
+        sink.release_answers()
         sink.wait_for(2, timeout=10)
         wait_until(lambda: relay.jobs() == 0)
         assert sorted(sink.bodies()) == [b"phone", b"tablet"]
     finally:
+        sink.release_answers()
         relay.close()
 
 

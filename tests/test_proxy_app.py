@@ -10,8 +10,10 @@ import time
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from helpers_proxy import HeldClock
 
 from notifiers.app import http_status, make_app, make_metrics_app
+from notifiers.build import build_service
 from notifiers.debounce import Debouncer
 from notifiers.embedded import NOT_RUNNING, EmbeddedProxy
 from notifiers.metrics import ProxyMetrics
@@ -83,14 +85,19 @@ def fcm():
 
 
 @pytest.fixture
-def service(fcm):
+def clock() -> HeldClock:
+    return HeldClock()
+
+
+@pytest.fixture
+def service(fcm, clock):
     providers = {
         Kind.APNS: LogProvider(),
         Kind.APNS_SANDBOX: LogProvider(),
         Kind.FCM: fcm,
         Kind.UBPORTS: LogProvider(),
     }  # no WebPush provider: "not configured"
-    return NotifyService(providers, debouncer=Debouncer(window=0.3))
+    return NotifyService(providers, debouncer=Debouncer(window=0.3), clock=clock)
 
 
 def test_hello_404_405(service):
@@ -242,15 +249,17 @@ def test_malformed_tokens_are_400_before_any_provider(kind, body):
     run_app(service, test)
 
 
-def test_debounced_counting_and_trailing_send(service, fcm):
+def test_debounced_counting_and_trailing_send(service, fcm, clock):
     async def test(client):
         m = service.metrics
+        clock.hold()  # the three hits fall inside one window, however slow the machine
         for _ in range(3):
             resp = await client.post("/notify", data=FCM_TOKEN)
             assert resp.status == 200
         assert fcm.sent == [FCM_TOKEN]  # leading edge only so far
         assert sample(m, "debounced_notifications_total") == 2
         assert sample(m, "debounced_set_size") == 1
+        clock.release()
         deadline = time.monotonic() + 5
         while len(fcm.sent) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -362,10 +371,11 @@ def test_tokens_never_appear_in_logs(service, fcm, caplog):
         assert token not in caplog.text
 
 
-def test_embedded_proxy_shares_semantics_and_metrics():
+def test_embedded_proxy_shares_semantics_and_metrics(clock):
     settings = ProxySettings(log_provider=True, debounce_seconds=0.3)
-    proxy = EmbeddedProxy(settings)
+    proxy = EmbeddedProxy(settings, service=build_service(settings, clock=clock))
     assert proxy.notify(APNS_TOKEN, timeout=1) is NOT_RUNNING  # not started
+    clock.hold()  # every call below falls inside the first window, however slow the machine
     with proxy:
         # The verdicts, and the statuses the HTTP front end would make of them.
         assert http_status(proxy.notify(APNS_TOKEN, timeout=5)) == 200
@@ -378,6 +388,7 @@ def test_embedded_proxy_shares_semantics_and_metrics():
         assert sample(metrics, "direct_notifications_total") == 1
         assert sample(metrics, "debounced_notifications_total") == 1
         assert sample(metrics, "fcm_notifications_total") == 1
+        clock.release()
         deadline = time.monotonic() + 5
         while sample(metrics, "direct_notifications_total") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -452,14 +463,16 @@ def test_failed_leading_send_does_not_debounce_the_relays_retry():
     run_app(service, test)
 
 
-def test_failed_trailing_send_is_retried_by_the_proxy():
+def test_failed_trailing_send_is_retried_by_the_proxy(clock):
     fcm = Scripted("FCM", [])
-    service = NotifyService({Kind.FCM: fcm}, debouncer=Debouncer(window=0.2))
+    service = NotifyService({Kind.FCM: fcm}, debouncer=Debouncer(window=0.2), clock=clock)
 
     async def test(client):
+        clock.hold()  # the second hit falls inside the first one's window
         assert (await client.post("/notify", data="fcm-a:1")).status == 200
         fcm.outcomes = [Outcome.RETRY, Outcome.RETRY]  # the trailing send fails twice
         assert (await client.post("/notify", data="fcm-a:1")).status == 200  # debounced
+        clock.release()
         deadline = time.monotonic() + 5
         while len(fcm.sent) < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

@@ -221,7 +221,10 @@ def test_the_notifiers_program_applies_all_of_it(tmp_path):
         await closed_within(port, post(b"fcm", "Content-Length: 200\r\n"), 3.0)
         await closed_within(port, b"POST /notify HTTP/1.1\r\n", 3.0)
         for data in MISFRAMED.values():
-            await exchange(port, data, wait=1.0)
+            # Until the proxy closes (its answer sent, or the 0.5 s keep-alive over): a fixed
+            # 1 s could end before a loaded proxy had read the request, then SIGTERM came
+            # first and its refusal was never logged.
+            await exchange(port, data, wait=20.0)
 
     try:
         asyncio.run(client())

@@ -7,6 +7,7 @@ import socket
 import httpx
 import pytest
 
+from devstack.loopback import wait_until
 from devstack.pushsink import PushSink
 
 
@@ -77,3 +78,29 @@ def test_closed_sink_refuses_and_a_new_one_takes_its_port() -> None:
         assert httpx.post(again.url, content=b"t").status_code == 200
     finally:
         again.close()
+
+
+def test_held_answers_wait_until_released(sink: PushSink) -> None:
+    sink.hold_answers()
+    with socket.create_connection(("127.0.0.1", sink.port), timeout=5) as s:
+        s.sendall(b"POST /notify HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+        s.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            s.recv(65536)  # held: no answer, however long the test took to get here
+        assert sink.requests == []
+        sink.release_answers()
+        s.settimeout(5)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert sink.bodies() == [b"a"]
+
+
+def test_idle_only_once_every_connection_ended(sink: PushSink) -> None:
+    assert sink.idle()
+    s = socket.create_connection(("127.0.0.1", sink.port), timeout=5)
+    assert not sink.idle()  # waiting to be accepted, or open
+    s.sendall(b"POST /notify HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+    assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert not sink.idle()
+    s.close()
+    wait_until(sink.idle, 5, "the sink to be idle")
+    assert sink.bodies() == [b"a"]

@@ -68,6 +68,8 @@ def test_a_slow_reader_gets_partial_sends_bounded_output_and_every_reply_in_orde
         _store_big_values(client)
         lookup = b"L" + priv("comment") + b"\t" + ALICE.encode()
         client.send(wire(*[lookup] * LOOKUPS))  # and read nothing for now
+        # The server has begun (a stalled one looked "still" for 0.5 s before its first reply).
+        _wait_for(lambda: _buffered(server) > 0, "replies to be left unsent")
 
         peak, answered, still_since = 0, -1, time.monotonic()
         while time.monotonic() - still_since < 0.5:  # until the server stops answering
@@ -155,11 +157,15 @@ def test_many_short_connections_of_every_kind_end_closed_and_counted(server):
 def test_a_connection_closed_while_its_group_commit_is_pending(tmp_path, monkeypatch, caplog):
     """The commit is still written (the peer may not learn of it, as with any lost reply),
     its reply goes nowhere without an error, and the connection ends closed."""
-    submitted = []
+    submitted, written = [], []
+
+    def flush_and_note(self):
+        self._flush()
+        written.append(True)
 
     def later_submit(self, ev, on_reply):  # the group written 0.3 s later instead of at once
         if not self._events:
-            self._loop.call_later(0.3, self._flush)
+            self._loop.call_later(0.3, flush_and_note, self)
         self._events.append(ev)
         self._callbacks.append(on_reply)
         submitted.append(ev)
@@ -173,7 +179,7 @@ def test_a_connection_closed_while_its_group_commit_is_pending(tmp_path, monkeyp
         _wait_for(lambda: submitted, "the commit to wait for its group")
         client.close()
         _wait_for(lambda: srv.stats.open_connections == 0, "the connection to be closed")
-        time.sleep(0.4)  # the group is written meanwhile
+        _wait_for(lambda: written, "the group to be written")
 
         other = Client(srv.path)
         other.send(HELLO + b"L" + priv("comment") + b"\t" + ALICE.encode() + b"\n")
