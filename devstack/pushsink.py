@@ -102,7 +102,11 @@ class PushSink:
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((HOST, self.port))
         self._listener.listen(128)
-        self._listener.setblocking(False)  # accept() only when select() says one waits
+        self._listener.setblocking(False)  # accept() only when poll() says one waits
+        # poll, not select: select() refuses a descriptor above 1023 (a test process may
+        # hold that many), and the accept thread would end without a word.
+        self._readable = select.poll()
+        self._readable.register(self._listener, select.POLLIN)
         self.port = self._listener.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}/notify"
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -112,8 +116,8 @@ class PushSink:
     def _accept(self) -> None:
         while True:
             try:
-                select.select([self._listener], [], [])
-            except (OSError, ValueError):
+                self._readable.poll()
+            except OSError:
                 return  # closed
             # Taken and counted as one step under the lock: idle() never sees a connection
             # that is neither waiting nor open (accepted, not yet in the set).
@@ -217,8 +221,9 @@ class PushSink:
         with self._lock:
             if self._connections:
                 return False
-            waiting, _, _ = select.select([self._listener], [], [], 0)
-            return not waiting
+            waiting = select.poll()  # one poll object is not for two threads at once
+            waiting.register(self._listener, select.POLLIN)
+            return not waiting.poll(0)
 
     def bodies(self) -> list[bytes]:
         with self._lock:
@@ -252,7 +257,7 @@ class PushSink:
             connections = list(self._connections)
         self._answering.set()  # held requests end (their connections are dropped below)
         with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the select()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the poll()
         self._listener.close()
         self._thread.join(5)
         for conn in connections:
