@@ -42,7 +42,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from chatmail_common.tls import Verify, make_ssl_context
 
-from .hpackmemo import MemoEncoder
+from .hpackmemo import MemoDecoder, MemoEncoder
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class _Connection(asyncio.Protocol):
         )
         self._h2 = _DrainingH2Connection(config=config)
         self._h2.encoder = MemoEncoder()  # before any header is encoded
+        self._h2.decoder = MemoDecoder.replacing(self._h2.decoder)  # and decoded
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()  # streams with body bytes waiting for window
