@@ -101,7 +101,9 @@ def test_memo_decoder_gives_hpacks_headers_through_inserts_evictions_and_resizes
         if i in (200, 400):  # the peer resizes: a table-size update starts the next block
             encoder.header_table_size = 120 if i == 200 else 4096
         block = encoder.encode(request(i))
-        assert ours.decode(block, raw=True) == theirs.decode(block, raw=True)
+        got, expected = ours.decode(block, raw=True), theirs.decode(block, raw=True)
+        assert got == expected
+        assert [type(h) for h in got] == [type(h) for h in expected]  # never-indexed kept
         assert ours.header_table.dynamic_entries == theirs.header_table.dynamic_entries
     assert ours._indexed  # noqa: SLF001 - the memo was used
 
