@@ -20,8 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import hpack
-from hpack.hpack import INDEX_NEVER, encode_integer
+from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
+from hpack.hpack import INDEX_NEVER, _unicode_if_needed, encode_integer
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+from hpack.struct import HeaderTuple
+from hpack.table import table_entry_size
 
 #: Bound on remembered representations (only indexable headers are remembered, and
 #: the table changes whenever a new one is inserted: this is a guard, not a tuning).
@@ -52,8 +55,14 @@ class BitStringHuffman:
 
 
 class MemoEncoder(hpack.Encoder):
-    def __init__(self) -> None:
+    """``huffman_never_indexed=False``: never-indexed values go out as plain literals (RFC
+    7541 lets the encoder choose per string).  Huffman saves a quarter of a hex device
+    token's octets (about 20 per push) and costs a coding per request here and a decoding
+    per request at the peer; the default keeps hpack's bytes."""
+
+    def __init__(self, *, huffman_never_indexed: bool = True) -> None:
         super().__init__()
+        self.huffman_never_indexed = huffman_never_indexed
         self.huffman_coder = BitStringHuffman()  # type: ignore[assignment]
         self._memo: dict[tuple[bytes, bytes, bool], bytes] = {}
         # name -> the never-indexed representation's prefix (name index), while unchanged
@@ -117,6 +126,7 @@ class MemoEncoder(hpack.Encoder):
 
     def _never_indexed(self, name: bytes, value: bytes, huffman: bool) -> bytes:
         """A literal never indexed (RFC 7541 section 6.2.3), as hpack encodes it."""
+        huffman = huffman and self.huffman_never_indexed
         prefix = self._never_prefix.get(name)
         if prefix is None:
             match = self.header_table.search(name, b"")
@@ -136,3 +146,86 @@ class MemoEncoder(hpack.Encoder):
         if huffman:
             value_length[0] |= 0x80
         return b"".join((prefix, bytes(value_length), value))
+
+
+class MemoDecoder(hpack.Decoder):
+    """hpack's ``Decoder`` that remembers one-byte indexed fields while its table is unchanged.
+
+    Only ``decode(..., raw=True)`` (what h2 calls) takes the remembered way; the headers
+    it returns are hpack's (bytes ``HeaderTuple`` pairs), the same objects for the same
+    field until the table changes (an insertion or a resize).
+    """
+
+    def __init__(
+        self, max_header_list_size: int = hpack.hpack.DEFAULT_MAX_HEADER_LIST_SIZE
+    ) -> None:
+        super().__init__(max_header_list_size)
+        # first octet of a one-byte indexed field -> (its header as bytes, its list size)
+        self._indexed: dict[int, tuple[HeaderTuple, int]] = {}
+        table_add = self.header_table.add
+
+        def add_to_table(name: bytes, value: bytes) -> None:
+            self._indexed.clear()
+            table_add(name, value)
+
+        self.header_table.add = add_to_table  # type: ignore[method-assign]
+
+    @classmethod
+    def replacing(cls, decoder: hpack.Decoder) -> MemoDecoder:
+        """A fresh decoder with ``decoder``'s limits (before any header block was decoded)."""
+        memo = cls(decoder.max_header_list_size)
+        memo.max_allowed_table_size = decoder.max_allowed_table_size
+        memo.header_table_size = decoder.header_table_size
+        return memo
+
+    @hpack.Decoder.header_table_size.setter  # type: ignore[attr-defined]
+    def header_table_size(self, value: int) -> None:
+        self._indexed.clear()
+        hpack.Decoder.header_table_size.fset(self, value)  # type: ignore[attr-defined]
+
+    def decode(self, data: bytes, raw: bool = False) -> list[HeaderTuple]:  # type: ignore[override]
+        if not raw:
+            return list(super().decode(data, raw))
+        indexed = self._indexed
+        view = memoryview(data)
+        headers: list[HeaderTuple] = []
+        limit = self.max_header_list_size
+        inflated = 0
+        index = 0
+        end = len(data)
+        while index < end:
+            current = data[index]
+            known = indexed.get(current)
+            if known is not None:
+                header, size = known
+                index += 1
+            else:
+                field, consumed = self._decode_field(view[index:], current, bool(headers))
+                index += consumed
+                if field is None:
+                    continue
+                header = _unicode_if_needed(field, True)
+                size = table_entry_size(header[0], header[1])
+                if consumed == 1 and current & 0x80:  # a one-byte indexed field
+                    indexed[current] = (header, size)
+            headers.append(header)
+            inflated += size
+            if inflated > limit:
+                msg = f"A header list larger than {limit} has been received"
+                raise OversizedHeaderListError(msg)
+        self._assert_valid_table_size()
+        return headers
+
+    def _decode_field(
+        self, data: memoryview, first: int, after_headers: bool
+    ) -> tuple[HeaderTuple | None, int]:
+        """One field as hpack's ``decode`` takes it (None for a table-size update)."""
+        if first & 0x80:
+            return self._decode_indexed(data)
+        if first & 0x40:
+            return self._decode_literal_index(data)
+        if first & 0x20:
+            if after_headers:
+                raise HPACKDecodingError("Table size update not at the start of the block")
+            return None, self._update_encoding_context(data)
+        return self._decode_literal_no_index(data)

@@ -1,12 +1,16 @@
 """MemoEncoder emits exactly what hpack's own encoder emits, through inserts, evictions
-and table resizes, and never remembers a never-indexed header."""
+and table resizes, and never remembers a never-indexed header; MemoDecoder gives
+exactly hpack's headers and keeps its checks."""
 
 from __future__ import annotations
 
+import h2.connection
 import hpack
+import pytest
 from hpack import NeverIndexedHeaderTuple
+from hpack.exceptions import HPACKDecodingError, InvalidTableSizeError, OversizedHeaderListError
 
-from notifiers.hpackmemo import MemoEncoder
+from notifiers.hpackmemo import MemoDecoder, MemoEncoder
 
 
 def request(i: int) -> list:
@@ -89,3 +93,52 @@ def test_huffman_coder_gives_hpacks_bytes_for_every_octet_and_length():
     samples += [rng.randbytes(rng.randrange(1, 200)) for _ in range(500)]
     for data in samples:
         assert ours.encode(data) == theirs.encode(data), data
+
+
+def test_memo_decoder_gives_hpacks_headers_through_inserts_evictions_and_resizes():
+    encoder, ours, theirs = hpack.Encoder(), MemoDecoder(), hpack.Decoder()
+    for i in range(600):
+        if i in (200, 400):  # the peer resizes: a table-size update starts the next block
+            encoder.header_table_size = 120 if i == 200 else 4096
+        block = encoder.encode(request(i))
+        got, expected = ours.decode(block, raw=True), theirs.decode(block, raw=True)
+        assert got == expected
+        assert [type(h) for h in got] == [type(h) for h in expected]  # never-indexed kept
+        assert ours.header_table.dynamic_entries == theirs.header_table.dynamic_entries
+    assert ours._indexed  # noqa: SLF001 - the memo was used
+
+
+def test_memo_decoder_keeps_hpacks_checks():
+    encoder, small = hpack.Encoder(), MemoDecoder(max_header_list_size=100)
+    small.decode(encoder.encode([("x-first", "1")]), raw=True)  # inserted at index 62
+    small.decode(encoder.encode([("x-first", "1")]), raw=True)  # one indexed octet: kept
+    assert small._indexed  # noqa: SLF001
+    with pytest.raises(OversizedHeaderListError):  # 20 of 40 octets each, from the memo
+        small.decode(encoder.encode([("x-first", "1")] * 20), raw=True)
+    decoder = MemoDecoder()
+    with pytest.raises(HPACKDecodingError):  # a table-size update after a header
+        decoder.decode(b"\x82\x3f\xe1\x1f", raw=True)
+    with pytest.raises(HPACKDecodingError):  # index 0 is not a field
+        decoder.decode(b"\x80", raw=True)
+    shrunk = MemoDecoder()
+    shrunk.decode(b"\x82", raw=True)
+    shrunk.max_allowed_table_size = 100  # we said so; the peer did not shrink
+    with pytest.raises(InvalidTableSizeError):
+        shrunk.decode(b"\x82", raw=True)
+
+
+def test_memo_decoder_replaces_h2s_decoder_with_its_limits():
+    conn = h2.connection.H2Connection()
+    memo = MemoDecoder.replacing(conn.decoder)
+    assert memo.max_header_list_size == conn.decoder.max_header_list_size
+    assert memo.max_allowed_table_size == conn.decoder.max_allowed_table_size
+    assert memo.header_table_size == conn.decoder.header_table_size
+
+
+def test_never_indexed_values_may_go_out_as_plain_literals():
+    plain, decoder = MemoEncoder(huffman_never_indexed=False), hpack.Decoder()
+    for i in range(3):
+        headers = request(i)
+        block = plain.encode(headers)
+        assert f"/3/device/{i:064x}".encode() in block  # not Huffman-coded
+        assert [tuple(h) for h in decoder.decode(block)] == [tuple(h) for h in headers]

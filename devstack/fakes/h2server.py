@@ -33,7 +33,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from notifiers.hpackmemo import MemoEncoder
+from notifiers.hpackmemo import MemoDecoder, MemoEncoder
 
 
 @dataclass
@@ -137,6 +137,9 @@ class _Protocol(asyncio.Protocol):
         # Replies repeat the same few headers: the proxy's memoizing HPACK encoder (same
         # bytes as hpack's) spares re-encoding them per reply (a fifteenth of the fake's CPU).
         self.conn.encoder = MemoEncoder()
+        # Requests repeat the same few headers too: the memoizing decoder (same headers and
+        # checks as hpack's) decodes a one-byte indexed field once per table state.
+        self.conn.decoder = MemoDecoder.replacing(self.conn.decoder)
         if self.server.max_concurrent_streams is not None:
             self.conn.local_settings = h2.settings.Settings(
                 client=False,
