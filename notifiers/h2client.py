@@ -166,10 +166,7 @@ class _Connection(asyncio.Protocol):
             normalize_outbound_headers=False,
         )
         self._h2 = _DrainingH2Connection(config=config)
-        # Before any header is encoded.  The device's :path (and a JWT) go out as plain
-        # literals: Huffman-coding them cost more per push, here and at the server, than
-        # its 25 octets are worth (hpackmemo's MemoEncoder).
-        self._h2.encoder = MemoEncoder(huffman_never_indexed=False)
+        self._h2.encoder = MemoEncoder()  # before any header is encoded
         self._h2.decoder = MemoDecoder.replacing(self._h2.decoder)  # and decoded
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, _Stream] = {}

@@ -55,14 +55,8 @@ class BitStringHuffman:
 
 
 class MemoEncoder(hpack.Encoder):
-    """``huffman_never_indexed=False``: never-indexed values go out as plain literals (RFC
-    7541 lets the encoder choose per string).  Huffman saves a quarter of a hex device
-    token's octets (about 20 per push) and costs a coding per request here and a decoding
-    per request at the peer; the default keeps hpack's bytes."""
-
-    def __init__(self, *, huffman_never_indexed: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.huffman_never_indexed = huffman_never_indexed
         self.huffman_coder = BitStringHuffman()  # type: ignore[assignment]
         self._memo: dict[tuple[bytes, bytes, bool], bytes] = {}
         # name -> the never-indexed representation's prefix (name index), while unchanged
@@ -126,7 +120,6 @@ class MemoEncoder(hpack.Encoder):
 
     def _never_indexed(self, name: bytes, value: bytes, huffman: bool) -> bytes:
         """A literal never indexed (RFC 7541 section 6.2.3), as hpack encodes it."""
-        huffman = huffman and self.huffman_never_indexed
         prefix = self._never_prefix.get(name)
         if prefix is None:
             match = self.header_table.search(name, b"")

@@ -133,12 +133,3 @@ def test_memo_decoder_replaces_h2s_decoder_with_its_limits():
     assert memo.max_header_list_size == conn.decoder.max_header_list_size
     assert memo.max_allowed_table_size == conn.decoder.max_allowed_table_size
     assert memo.header_table_size == conn.decoder.header_table_size
-
-
-def test_never_indexed_values_may_go_out_as_plain_literals():
-    plain, decoder = MemoEncoder(huffman_never_indexed=False), hpack.Decoder()
-    for i in range(3):
-        headers = request(i)
-        block = plain.encode(headers)
-        assert f"/3/device/{i:064x}".encode() in block  # not Huffman-coded
-        assert [tuple(h) for h in decoder.decode(block)] == [tuple(h) for h in headers]
