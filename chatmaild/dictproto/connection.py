@@ -32,9 +32,13 @@ from .parsing import (
 from .replies import ENCODERS, encode_reply
 from .sentinels import NEED_DATA
 from .transactions import OpenTransactions
-from .versions import DEFAULT_VERSION, ProtocolVersion, version_for
+from .versions import DEFAULT_VERSION, VERSIONS, ProtocolVersion, version_for
 
 _L = ord("L")
+# Looked up by identity-free keys: a ProtocolVersion hashes all its fields on every lookup,
+# and a connection per IMAP command (Dovecot 2.3's default) makes this per command.
+_DEFAULT_PARSERS = PARSERS_BY_VERSION[DEFAULT_VERSION]
+_PARSERS_BY_MAJOR = {v.major: PARSERS_BY_VERSION[v] for v in VERSIONS}
 MAX_PROBLEMS = 64  # descriptions kept until the caller takes them (``errors`` counts all)
 
 
@@ -51,7 +55,7 @@ class DictConnection:
         self._transactions = OpenTransactions(max_value)
         self._owed: deque[ReplyOwing] = deque()
         self.version: ProtocolVersion = DEFAULT_VERSION
-        self._parsers = PARSERS_BY_VERSION[DEFAULT_VERSION]
+        self._parsers = _DEFAULT_PARSERS
         self._warned_version = False
         self.protocol_major = 0  # as the peer said it (0 before its H line)
         self.dict_name = ""
@@ -167,7 +171,7 @@ class DictConnection:
                 f" Dovecot does; serving it as Dovecot {version.dovecot}"
             )
         self.version = version
-        self._parsers = PARSERS_BY_VERSION[version]
+        self._parsers = _PARSERS_BY_MAJOR[version.major]
         self.protocol_major = hello.major
         self.dict_name = hello.dict_name
         return hello
