@@ -200,6 +200,7 @@ class DictProtocol(asyncio.Protocol):
             return self._refused(ev, exc)
 
     def _refused(self, ev: dp.ReplyOwing, exc: dp.LocalProtocolError) -> bytes:
+        """The failure ``ev`` owes instead of a reply it cannot take (a backend bug)."""
         log.error("backend reply refused: %s", exc)
         return self.conn.send(ev, _internal_error(exc))
 
