@@ -175,7 +175,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
             log.info("metrics on http://%s/metrics", args.metrics)
         proxy, notifier = start_notifier(config, metrics)
         backend = MetadataDict(
-            MetadataStore(conn),
+            MetadataStore(conn, cache_attributes=True),  # the sole writer of attributes
             ServerKeys(config, on_turn_failure=metrics.turn_failures.inc),
             limits=config.limits,
             hook=notifier,

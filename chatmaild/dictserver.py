@@ -122,19 +122,28 @@ class DictProtocol(asyncio.Protocol):
             self._process()  # the events already buffered while paused
 
     def _process(self) -> None:
+        # Per line, this loop is most of the server's own CPU: locals instead of attribute
+        # lookups, and the lookup's counter and conn.send without a call of their own.
         conn = self.conn
+        next_event = conn.next_event
+        send = conn.send
         handlers = self._handlers
+        stats = self.stats
         reply_types = dp.REPLY_TYPES
         need_data = dp.NEED_DATA
+        lookup = dp.Lookup
         out: list[bytes] = []
         out_bytes = 0
-        while not self._paused and (ev := conn.next_event()) is not need_data:
+        while not self._paused and (ev := next_event()) is not need_data:
             kind = type(ev)
             handler = handlers.get(kind)
             if handler is None:
                 self._hello(ev)  # type: ignore[arg-type]
                 continue
-            self.stats.count(kind)
+            if kind is lookup:
+                stats.lookups += 1
+            else:
+                stats.count(kind)
             try:
                 reply = handler(ev)
             except Exception as exc:  # one reply is owed whatever happened
@@ -146,7 +155,10 @@ class DictProtocol(asyncio.Protocol):
                 self._busy = True
                 break
             if type(reply) in reply_types or reply is None or not inspect.isawaitable(reply):
-                data = self._send(ev, reply)  # type: ignore[arg-type]
+                try:
+                    data = send(ev, reply)  # type: ignore[arg-type]
+                except dp.LocalProtocolError as exc:
+                    data = self._refused(ev, exc)  # type: ignore[arg-type]
                 out.append(data)
                 out_bytes += len(data)
                 if out_bytes >= FLUSH_BYTES:  # may pause_writing(), ending the loop
@@ -185,8 +197,12 @@ class DictProtocol(asyncio.Protocol):
         try:
             return self.conn.send(ev, reply)
         except dp.LocalProtocolError as exc:
-            log.error("backend reply refused: %s", exc)
-            return self.conn.send(ev, _internal_error(exc))
+            return self._refused(ev, exc)
+
+    def _refused(self, ev: dp.ReplyOwing, exc: dp.LocalProtocolError) -> bytes:
+        """The failure ``ev`` owes instead of a reply it cannot take (a backend bug)."""
+        log.error("backend reply refused: %s", exc)
+        return self.conn.send(ev, _internal_error(exc))
 
     async def _finish(self, ev: dp.ReplyOwing, pending: Awaitable[object]) -> None:
         try:

@@ -88,7 +88,7 @@ def make_backend(
 ) -> MetadataDict:
     config = make_config(tmp_path, params, metadata)
     conn = connect(tmp_path / "db.sqlite3")
-    store = MetadataStore(conn)
+    store = MetadataStore(conn, cache_attributes=True)  # as the service opens it
     return MetadataDict(
         store,
         ServerKeys(config),

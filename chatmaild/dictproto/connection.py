@@ -32,10 +32,21 @@ from .parsing import (
 from .replies import ENCODERS, encode_reply
 from .sentinels import NEED_DATA
 from .transactions import OpenTransactions
-from .versions import DEFAULT_VERSION, ProtocolVersion, version_for
+from .versions import DEFAULT_VERSION, VERSIONS, ProtocolVersion, version_for
 
 _L = ord("L")
+_H = ord("H")
 MAX_PROBLEMS = 64  # descriptions kept until the caller takes them (``errors`` counts all)
+#: H lines already parsed, and their (immutable) Hello: every connection starts with one
+#: of the few lines the Dovecot releases send, and Dovecot 2.3 makes a connection per
+#: IMAP command, so parsing it again cost ~2 us of each.  Bounded in count and length.
+_HELLOS: dict[bytes, Hello] = {}
+MAX_HELLOS = 16
+MAX_HELLO_LINE = 128
+# Looked up by identity-free keys: a ProtocolVersion hashes all its fields on every lookup,
+# and a connection per IMAP command (Dovecot 2.3's default) makes this per command.
+_DEFAULT_PARSERS = PARSERS_BY_VERSION[DEFAULT_VERSION]
+_PARSERS_BY_MAJOR = {v.major: PARSERS_BY_VERSION[v] for v in VERSIONS}
 
 
 class DictConnection:
@@ -51,7 +62,7 @@ class DictConnection:
         self._transactions = OpenTransactions(max_value)
         self._owed: deque[ReplyOwing] = deque()
         self.version: ProtocolVersion = DEFAULT_VERSION
-        self._parsers = PARSERS_BY_VERSION[DEFAULT_VERSION]
+        self._parsers = _DEFAULT_PARSERS
         self._warned_version = False
         self.protocol_major = 0  # as the peer said it (0 before its H line)
         self.dict_name = ""
@@ -103,6 +114,8 @@ class DictConnection:
                         self._owed.append(lookup)
                         return lookup
                 ev = self._parse(line)  # type: ignore[arg-type]
+            elif line[0] == _H and (hello := _HELLOS.get(line)) is not None:  # type: ignore
+                ev = self._hello(hello)
             else:
                 ev = self._parse(line)  # type: ignore[arg-type]
             if ev is not None:
@@ -116,6 +129,8 @@ class DictConnection:
             if kind is Lookup or kind is Iterate:  # no state to change
                 self._owed.append(parsed)  # type: ignore[arg-type]
                 return parsed  # type: ignore[return-value]
+            if kind is Hello and len(line) <= MAX_HELLO_LINE and len(_HELLOS) < MAX_HELLOS:
+                _HELLOS[line] = parsed  # type: ignore[assignment]
             return _APPLY[kind](self, parsed)  # type: ignore[operator]
         except RemoteProtocolError as exc:
             return self._remote_error(line[0], exc)
@@ -167,7 +182,7 @@ class DictConnection:
                 f" Dovecot does; serving it as Dovecot {version.dovecot}"
             )
         self.version = version
-        self._parsers = PARSERS_BY_VERSION[version]
+        self._parsers = _PARSERS_BY_MAJOR[version.major]
         self.protocol_major = hello.major
         self.dict_name = hello.dict_name
         return hello

@@ -49,6 +49,8 @@ class LineBuffer:
 
     def next_line(self) -> bytes | Oversized | type[NEED_DATA]:
         buf = self._buf
+        if not buf:  # the usual end of a batch: every line was taken
+            return NEED_DATA
         nl = buf.find(b"\n", self._scan_from)
         if nl < 0:
             if len(buf) > self.max_line:
