@@ -33,6 +33,7 @@ from .config import Config, ConfigError, check_notify_url, read_config
 from .database import DatabaseError, connect
 from .dictserver import ServerStats, bind_unix_socket, start_dict_server
 from .health import HealthSnapshot, check, notifier_snapshot
+from .instancelock import hold_database
 from .jobstore import JobStore
 from .metadata import MetadataDict
 from .notifier import Notifier
@@ -152,12 +153,19 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # No commit of the service checkpoints the WAL: the checkpointer thread does (its doc).
+    # Opened before the lock is taken: its errors name the database or its directory.
     conn = connect(config.database_path, config.synchronous, autocheckpoint=False)
+    try:
+        lock = hold_database(config.database_path)  # one service per database
+    except BaseException:
+        conn.close()
+        raise
     fds = listen_fds()
     try:
         sock = listening_socket(fds, args)
     except BaseException:
         conn.close()
+        lock.close()
         raise
     metrics = RelayMetrics()
     proxy = notifier = None
@@ -198,6 +206,7 @@ async def serve(config: Config, args: argparse.Namespace) -> int:
         sweeper.stop()
         checkpointer.stop()
         conn.close()
+        lock.close()
         if not fds:
             with contextlib.suppress(OSError):
                 os.unlink(args.socket)

@@ -441,3 +441,47 @@ def test_service_prunes_an_expired_token_nobody_refreshes_or_mails(tmp_path):
         assert token_rows(db) == {(ALICE, "live-token")}
         _, err = stop_and_collect(proc, 20)
     assert proc.returncode == 0, err
+
+
+def test_second_service_on_the_same_database_refuses_in_one_line(tmp_path):
+    """Two services on one database would both push its jobs, and the attribute cache is
+    exact only for the one writer: the second refuses, naming the database and the pid
+    of the first; after the first is killed (-9: no clean shutdown) a new one starts."""
+    (tmp_path / "mb").mkdir()
+    ini = write_ini(tmp_path, tmp_path / "mb")
+    notify, env = notify_listener(tmp_path)
+    first = subprocess.Popen(
+        [*command(), str(tmp_path / "a.socket"), str(ini)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert b"READY=1" in notify.recv(4096)
+        proc = run([tmp_path / "b.socket", ini])
+        assert_clean_error(proc, f"is in use by another chatmail-metadata (pid {first.pid})")
+        assert str(tmp_path / "mb" / "chatmail-metadata.sqlite3") in proc.stderr
+        assert not (tmp_path / "b.socket").exists()
+        first.kill()
+        first.wait()
+        second = subprocess.Popen(
+            [*command(), str(tmp_path / "b.socket"), str(ini)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert b"READY=1" in notify.recv(4096)
+            assert_answers_a_lookup(tmp_path / "b.socket")
+            _, err = stop_and_collect(second, 20, signal.SIGTERM)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+        assert second.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        notify.close()
