@@ -8,17 +8,24 @@ shipped and with a connection per command, and Dovecot's built-in ``file:`` dict
 version's same-run baseline.  The same client (one process, one thread per IMAP
 session, each session on its own user) does a bounded number of SET+GET pairs per
 session.  A version that cannot be had here is reported as skipped, with why.
+
+Each row also says where a pair's CPU went (the sessions' Dovecot ``imap`` processes,
+which run the ``file:`` dict themselves; the dict server; the bench client) and file:'s
+CPU per pair over ours.  Under load the file: baseline is the noisy side: its imap CPU
+per pair is mostly ext4 inode work (a new file and a rename per commit) and moved
+635-1702 us within one run while ours moved 600-1000 us plus 175-250 us in the dict.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import threading
 import time
 from pathlib import Path
 
-from bench.common import run_child, temp_dir, tree_cpu_seconds
+from bench.common import cpu_by_name, run_child, temp_dir, tree_cpu_by_pid, tree_cpu_seconds
 from bench.table import Figure, at_least, print_table
 from devstack.debian_tree import TreeUnavailable
 from devstack.dovecot import VERSIONS, DovecotBuild, DovecotInstance, build_for
@@ -77,57 +84,90 @@ WORKLOADS = {"generic": _generic_pair, "deltachat": _deltachat_pair}
 
 
 def imap_client(
-    port: int, users: list[str], pairs: int, seconds: float, workload: str = "generic"
+    port: int,
+    users: list[str],
+    pairs: int,
+    seconds: float,
+    workload: str = "generic",
+    dovecot_pid: int | None = None,
 ) -> dict:
-    """Child process: one thread per session; each does ``pairs`` SET+GET pairs."""
-    barrier = threading.Barrier(len(users) + 1)
+    """Child process: one thread per session; each does ``pairs`` SET+GET pairs.
+
+    With ``dovecot_pid``, the CPU of Dovecot's processes by name (``imap``: the sessions'
+    own processes) is taken while every session is logged in, before and after the pairs:
+    the imap processes exit at LOGOUT, so a later look would miss them.
+    """
+    ready = threading.Barrier(len(users) + 1)
+    end = threading.Barrier(len(users) + 1, timeout=seconds + 60)
+    go = threading.Event()
+    measured = threading.Event()  # sessions log out only after the last snapshot
     results: list[dict] = []
     lock = threading.Lock()
     pair = WORKLOADS[workload]
 
     def session(user: str) -> None:
-        done = failures = 0
-        latencies: list[float] = []
+        imap = None
         try:
-            imap = RawImap(port)
-            imap.login(user, PASSWORD)
-            for i in range(3):  # warm-up: the first SET creates the dict entry/file
-                imap.command(f'SETMETADATA INBOX ({ENTRY} "warm{i}")')
+            try:
+                imap = RawImap(port)
+                imap.login(user, PASSWORD)
+                for i in range(3):  # warm-up: the first SET creates the dict entry/file
+                    imap.command(f'SETMETADATA INBOX ({ENTRY} "warm{i}")')
+            finally:
+                ready.wait()
+            go.wait()
+            done = failures = 0
+            latencies: list[float] = []
+            t0 = time.perf_counter()
+            deadline = t0 + seconds
+            for i in range(pairs):
+                s = time.perf_counter()
+                ok = pair(imap, user, i)
+                latencies.append(time.perf_counter() - s)
+                if not ok:
+                    failures += 1
+                done += 1
+                if time.perf_counter() > deadline:
+                    break
+            elapsed = time.perf_counter() - t0
+            with lock:
+                results.append(
+                    {"pairs": done, "elapsed": elapsed, "failures": failures, "lat": latencies}
+                )
         finally:
-            barrier.wait()
-        t0 = time.perf_counter()
-        deadline = t0 + seconds
-        for i in range(pairs):
-            s = time.perf_counter()
-            ok = pair(imap, user, i)
-            latencies.append(time.perf_counter() - s)
-            if not ok:
-                failures += 1
-            done += 1
-            if time.perf_counter() > deadline:
-                break
-        elapsed = time.perf_counter() - t0
-        imap.close()
-        with lock:
-            results.append(
-                {"pairs": done, "elapsed": elapsed, "failures": failures, "lat": latencies}
-            )
+            with contextlib.suppress(threading.BrokenBarrierError):
+                end.wait()
+            measured.wait(60)
+            if imap is not None:
+                imap.close()
+
+    def dovecot_snapshot() -> dict[int, tuple[str, float]]:
+        return tree_cpu_by_pid(dovecot_pid) if dovecot_pid is not None else {}
 
     threads = [threading.Thread(target=session, args=(u,)) for u in users]
     for t in threads:
         t.start()
-    barrier.wait()
+    ready.wait()
+    before = dovecot_snapshot()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    for t in threads:
-        t.join(seconds + 60)
+    go.set()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        end.wait()
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    dovecot_cpu = cpu_by_name(before, dovecot_snapshot())
+    measured.set()
+    for t in threads:
+        t.join(60)
     lat = sorted(x for r in results for x in r["lat"])
     return {
         "pairs": sum(r["pairs"] for r in results),
         "elapsed": wall,
         "failures": sum(r["failures"] for r in results),
-        "client_cpu": time.process_time() - cpu0,
+        "client_cpu": client_cpu,
+        "imap_cpu": dovecot_cpu.get("imap", 0.0),
+        "dovecot_other_cpu": sum(v for k, v in dovecot_cpu.items() if k != "imap"),
         "median_ms": 1000 * lat[len(lat) // 2] if lat else None,
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
     }
@@ -161,13 +201,12 @@ def _run_one(
                 metadata.start()
             dovecot.start()
             assert dovecot.proc is not None
-            cpu0 = tree_cpu_seconds(dovecot.proc.pid)
             mcpu0 = cpu_md = 0.0
             if metadata is not None and metadata.proc is not None:
                 mcpu0 = tree_cpu_seconds(metadata.proc.pid)
-            result = run_child(imap_client, dovecot.imap_port, users, pairs, seconds, workload)
-            # imap processes that already exited are not counted: indicative only
-            result["dovecot_cpu"] = tree_cpu_seconds(dovecot.proc.pid) - cpu0
+            result = run_child(
+                imap_client, dovecot.imap_port, users, pairs, seconds, workload, dovecot.proc.pid
+            )
             if metadata is not None and metadata.proc is not None:
                 cpu_md = tree_cpu_seconds(metadata.proc.pid) - mcpu0
             result["metadata_cpu"] = cpu_md
@@ -233,13 +272,14 @@ def run(quick: bool) -> list[Figure]:
                 figures.append(Figure(name, None, "", f">= {target:.2f}", None))
             continue
         ratios: dict[int, list[float]] = {i: [] for i in range(len(CASES))}
+        cpu_ratios: dict[int, list[float]] = {i: [] for i in range(len(CASES))}
         rows = []
 
         def baselines(rnd: int, build: DovecotBuild = build, rows: list = rows) -> dict[str, dict]:
             out = {}
             for w, label in (("deltachat", "file: (built-in), Delta Chat"), ("generic", "file:")):
                 out[w] = _run_one(build, users, "file", pairs, seconds, w)
-                rows.append(_row(f"file: {rnd}", label, out[w], None))
+                rows.append(_row(f"file: {rnd}", label, out[w], None, None))
             return out
 
         before = baselines(0)
@@ -253,7 +293,12 @@ def run(quick: bool) -> list[Figure]:
                 base = (before[workload]["rate"] + after[workload]["rate"]) / 2
                 value = r["rate"] / base if base else 0.0
                 ratios[i].append(value)
-                rows.append(_row(str(rnd + 1), label.format(idle=SHIPPED_IDLE[version]), r, value))
+                # CPU per pair, file:'s over ours: > 1 means ours costs less (less noisy)
+                base_cpu = (_cpu_us(before[workload]) + _cpu_us(after[workload])) / 2
+                cpu_value = base_cpu / _cpu_us(r) if _cpu_us(r) else 0.0
+                cpu_ratios[i].append(cpu_value)
+                label_i = label.format(idle=SHIPPED_IDLE[version])
+                rows.append(_row(str(rnd + 1), label_i, r, value, cpu_value))
             before = after
         print_table(
             f"imap: SET+GET pairs/s through Dovecot {version}, {sessions} sessions (one user "
@@ -266,6 +311,8 @@ def run(quick: bool) -> list[Figure]:
                 "median ms",
                 "p99 ms",
                 "dict CPU",
+                "CPU us/pair imap+dict+client",
+                "file/ours CPU",
                 "TURN asks",
                 "failures",
             ],
@@ -276,13 +323,17 @@ def run(quick: bool) -> list[Figure]:
             med = statistics.median(values)
             name = (
                 f"imap {label.format(idle=SHIPPED_IDLE[version])}, ours/file median "
-                f"(spread {_spread(values)}), Dovecot {version}"
+                f"(spread {_spread(values)}; file/ours CPU per pair "
+                f"{statistics.median(cpu_ratios[i]):.2f}, {_spread(cpu_ratios[i])}), "
+                f"Dovecot {version}"
             )
             figures.append(at_least(name, med, target, "x"))
     return figures
 
 
-def _row(rnd: str, label: str, r: dict, value: float | None) -> list[object]:
+def _row(
+    rnd: str, label: str, r: dict, value: float | None, cpu_value: float | None
+) -> list[object]:
     return [
         rnd,
         label,
@@ -291,6 +342,25 @@ def _row(rnd: str, label: str, r: dict, value: float | None) -> list[object]:
         r["median_ms"],
         r["p99_ms"],
         f"{100 * r['metadata_cpu'] / r['elapsed']:.0f}%",
+        _cpu_per_pair(r),
+        "-" if cpu_value is None else f"{cpu_value:.2f}",
         r.get("turn_asks", 0),
         r["failures"],
     ]
+
+
+def _cpu_us(r: dict) -> float:
+    """CPU microseconds per pair: imap processes, dict server and client together."""
+    total = r["imap_cpu"] + r["metadata_cpu"] + r["client_cpu"]
+    return 1e6 * total / r["pairs"] if r["pairs"] else 0.0
+
+
+def _cpu_per_pair(r: dict) -> str:
+    """Where a pair's CPU goes: the session's Dovecot imap process, the dict server (0 for
+    file:, which runs inside imap), the bench client; Dovecot's other processes only if any."""
+    per = 1e6 / r["pairs"] if r["pairs"] else 0.0
+    parts = [r["imap_cpu"], r["metadata_cpu"], r["client_cpu"]]
+    text = "+".join(f"{per * v:.0f}" for v in parts) + f"={per * sum(parts):.0f}"
+    if per * r["dovecot_other_cpu"] >= 1:
+        text += f" (+{per * r['dovecot_other_cpu']:.0f} other)"
+    return text

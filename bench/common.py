@@ -40,18 +40,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and all its descendants that are still alive."""
-    total = 0.0
+def _tree_pids(pid: int) -> Iterator[int]:
+    """``pid`` and all its descendants that are still alive."""
     todo = [pid]
     while todo:
         p = todo.pop()
-        total += cpu_seconds(p)
+        yield p
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{p}/task"):
                 with contextlib.suppress(OSError), open(f"/proc/{p}/task/{tid}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
-    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and all its descendants that are still alive."""
+    return sum(cpu_seconds(p) for p in _tree_pids(pid))
+
+
+def tree_cpu_by_pid(pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (process name, CPU seconds) for ``pid`` and its live descendants.
+
+    Two snapshots give the CPU per kind of process (:func:`cpu_by_name`), e.g. Dovecot's
+    ``imap`` processes apart from its master, auth and login processes.
+    """
+    out = {}
+    for p in _tree_pids(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/comm") as f:
+            out[p] = (f.read().strip(), cpu_seconds(p))
+    return out
+
+
+def cpu_by_name(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds per process name between two :func:`tree_cpu_by_pid` snapshots
+    (a process started in between counts whole; one that exited in between is lost)."""
+    out: dict[str, float] = {}
+    for p, (name, cpu) in after.items():
+        out[name] = out.get(name, 0.0) + cpu - (before[p][1] if p in before else 0.0)
+    return out
 
 
 def percentile(values: list[float], q: float) -> float | None:
