@@ -38,6 +38,7 @@ from .jobstore import JobStore
 from .outcomelog import DROPPED, GONE, RETRIED, SENT, PushRecord
 from .pushtransport import PushTransport
 from .relaymetrics import RelayMetrics
+from .store import Registration
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,12 @@ class Notifier:
         self._in_flight: set[tuple[str, str]] = set()
         self._parked: dict[tuple[str, str], set[Ticket]] = {}
         # Jobs written claimed by the dict commit (by id), for the worker that takes their
-        # ticket; their keys are in _in_flight.  _reserved: the keys of the transaction
-        # being written, freed if it rolls back (dict server's thread only).
-        self._claimed: dict[int, Job] = {}
+        # ticket, with the token's registration read in that commit; their keys are in
+        # _in_flight.  _reserved: the keys of the transaction being written, freed if it
+        # rolls back; _staged_sent_to: the registrations read in it (dict server's thread).
+        self._claimed: dict[int, tuple[Job, Registration | None]] = {}
         self._reserved: list[tuple[str, str]] = []
+        self._staged_sent_to: dict[int, Registration | None] = {}
         self._stopping = threading.Event()
         self._live = 0  # workers with their resources open (under _lock)
         self._commits: JobCommitter | None = None  # from start() to stop()
@@ -108,6 +111,12 @@ class Notifier:
         jobs = enqueuer.enqueue(user, tokens, now, self.policy, claimed)
         self._staged_coalesced += len(tokens) - len(jobs)
         self._staged.extend(jobs)
+        for job in jobs:
+            if job.attempts:
+                # What a GONE for this push removes, read here: this connection holds the
+                # write transaction, its pages cached, where a worker's own read began a
+                # read transaction that refetched them (every commit invalidates them).
+                self._staged_sent_to[job.id] = enqueuer.registration(user, job.token)
 
     def _reserve(self, user: str, tokens: list[str]) -> list[str]:
         """The tokens whose job is written claimed: no push in flight (nor reserved) for
@@ -134,6 +143,7 @@ class Notifier:
 
     def rolled_back(self) -> None:
         self._staged.clear()
+        self._staged_sent_to.clear()
         self._staged_coalesced = 0  # a group retried without one transaction counts again
         reserved, self._reserved = self._reserved, []
         for key in reserved:
@@ -143,12 +153,13 @@ class Notifier:
         staged, self._staged = self._staged, []
         coalesced, self._staged_coalesced = self._staged_coalesced, 0
         reserved, self._reserved = self._reserved, []
+        sent_to, self._staged_sent_to = self._staged_sent_to, {}
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
         claimed = {(job.user, job.token): job for job in staged if job.attempts}
         if claimed:  # on disk, claimed: the workers send them now
             with self._lock:
-                self._claimed.update((job.id, job) for job in claimed.values())
+                self._claimed.update((job.id, (job, sent_to[job.id])) for job in claimed.values())
         for key in reserved:
             if key not in claimed:  # no row was written for it (never expected): free it
                 self._release(key)
@@ -312,14 +323,21 @@ class Notifier:
             self.queue.put(self.clock(), waiting)
 
     def _attempt(
-        self, store: JobStore, transport: PushTransport, ticket: Ticket, claimed: Job | None
+        self,
+        store: JobStore,
+        transport: PushTransport,
+        ticket: Ticket,
+        claimed: tuple[Job, Registration | None] | None,
     ) -> None:
         """Claim the job (unless the dict commit wrote it claimed), push, record the verdict."""
         commits = self._commits
         assert commits is not None  # workers run between start() and stop()
-        job = claimed or commits.claim(store, ticket[0])
-        if job is None:
-            return  # finished, removed with its token, or never committed
+        if claimed is not None:
+            job, registration = claimed
+        else:
+            job, registration = commits.claim(store, ticket[0]), None
+            if job is None:
+                return  # finished, removed with its token, or never committed
         now = self.clock()
         expired = self.policy.expired(job.deadline, now)
         if job.attempts > self.policy.max_attempts or expired:
@@ -327,7 +345,9 @@ class Notifier:
             why = "deadline passed" if expired else "no attempt left"
             self._drop(commits, store, job, f"not sent, {why}", job.attempts - 1, why)
             return
-        sent_to = job.id, store.registration(job.user, job.token)  # a GONE removes only it
+        if claimed is None:
+            registration = store.registration(job.user, job.token)
+        sent_to = job.id, registration  # a GONE removes only it
         start = time.perf_counter()
         answer = transport.push(job.token)
         self.metrics.latency.observe(time.perf_counter() - start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import select
 import socket
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
@@ -111,6 +112,11 @@ class PlainHttpClient:
     A connection the server has closed while idle (its keep-alive timeout) is readable
     (EOF) before the next request: it is reopened first, so that request is not lost
     to a stale connection.  Any error during a request is a RETRY, never repeated here.
+
+    Once connected, the socket is blocking and the timeout is the kernel's
+    (``SO_RCVTIMEO``/``SO_SNDTIMEO``, per send and per receive as Python's own): with a
+    Python timeout every send and receive is a ``poll`` first, two more syscalls per push
+    (each releasing and taking back the GIL the dict server's loop shares).
     """
 
     def __init__(self, url: str, timeout: float) -> None:
@@ -144,6 +150,13 @@ class PlainHttpClient:
         self.conn.connect()
         sock = self.conn.sock
         assert sock is not None
+        timeout = self.conn.timeout
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            seconds = int(timeout)
+            timeval = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.settimeout(None)
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
         return sock
@@ -154,6 +167,9 @@ class PlainHttpClient:
             sock = self._open_socket()
             sock.sendall(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
             status, keep = _read_response(sock)
+        except BlockingIOError:  # EAGAIN: the kernel's timeout (SO_RCVTIMEO/SO_SNDTIMEO)
+            self.conn.close()
+            return _failed(TimeoutError("timed out"))
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
             return _failed(exc)
