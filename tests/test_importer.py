@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,7 +224,9 @@ def ini_with(tmp_path, mailboxes) -> Path:
 
 def test_main_imports_and_prints_summary(tmp_path, mailboxes, capsys, caplog):
     secret = "openpgp:SECRET-TOKEN-VALUE-0123456789"
-    put(mailboxes, "a@example.org", {"devicetoken": [secret]})
+    # Stamped, not the legacy list: a legacy token is stamped "now" by each run, so the
+    # second run below re-imported it whenever the two runs fell in different seconds.
+    put(mailboxes, "a@example.org", {"devicetoken": {secret: int(time.time())}})
     put(mailboxes, "b@example.org", b"{")
     ini = ini_with(tmp_path, mailboxes)
     with caplog.at_level(logging.DEBUG):
@@ -233,7 +236,7 @@ def test_main_imports_and_prints_summary(tmp_path, mailboxes, capsys, caplog):
     assert "1 corrupt files" in out and "0 skipped expired" in out
     assert "SECRET" not in out + err + caplog.text
     db = MetadataStore(connect(mailboxes / "chatmail-metadata.sqlite3"))
-    assert db.valid_tokens("a@example.org", int(__import__("time").time())) == [secret]
+    assert db.valid_tokens("a@example.org", int(time.time())) == [secret]
     assert importer.main([str(ini)]) == 0
     assert "0 tokens imported" in capsys.readouterr().out
 
