@@ -11,15 +11,19 @@ APNS = "0155b93b7eb8" + "ab" * 26
 
 
 class Recording(Provider):
-    """Records the raw tokens it is asked to send and reports them sent."""
+    """Records the raw tokens it is asked to send and answers ``answer``: a Delivery
+    (sent, unless told otherwise), or an exception it raises."""
 
-    def __init__(self, name: str = "APNS") -> None:
+    def __init__(self, name: str = "APNS", answer: Delivery | Exception | None = None) -> None:
         self.name = name
+        self.answer = answer if answer is not None else Delivery.sent()
         self.sent: list[str] = []
 
     async def send(self, token):
         self.sent.append(token.raw)
-        return Delivery.sent()
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
 
 
 class HeldClock:

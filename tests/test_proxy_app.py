@@ -10,14 +10,14 @@ import time
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers_proxy import HeldClock
+from helpers_proxy import HeldClock, Recording, sample
 
 from notifiers.app import http_status, make_app, make_metrics_app
 from notifiers.build import build_service
 from notifiers.debounce import Debouncer
 from notifiers.embedded import NOT_RUNNING, EmbeddedProxy
 from notifiers.metrics import ProxyMetrics
-from notifiers.providers.base import Delivery, Outcome, Provider
+from notifiers.providers.base import Delivery, Outcome
 from notifiers.providers.log import LogProvider
 from notifiers.service import DecryptionError, NotifyResult, NotifyService
 from notifiers.settings import ProxySettings
@@ -46,26 +46,6 @@ UPSTREAM_METRICS = {
     "openpgp_decryption_failures": "counter",
     "notification_failures": "counter",
 }
-
-
-class Recording(Provider):
-    """Records what it is asked to send and answers a settable Delivery (or raises)."""
-
-    def __init__(self, name: str, answer: Delivery | Exception | None = None) -> None:
-        self.name = name
-        self.answer = answer if answer is not None else Delivery.sent()
-        self.sent: list[str] = []
-
-    async def send(self, token):
-        self.sent.append(token.raw)
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
-
-
-def sample(metrics: ProxyMetrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if value is None else value
 
 
 def run_app(service: NotifyService, test, *, body_limit: int = 8192):
