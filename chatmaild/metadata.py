@@ -379,11 +379,20 @@ def _incremented(current: bytes, diff: int) -> bytes:
         ) from None
 
 
+#: The bytes a device token may consist of: printable ASCII without the space.
+_TOKEN_BYTES = bytes(range(0x21, 0x7F))
+
+
 def _validate_token(raw: bytes) -> str:
     if not raw:
         raise CommitRefused("empty device token")
     if len(raw) > MAX_TOKEN_BYTES:
         raise CommitRefused(f"device token longer than {MAX_TOKEN_BYTES} bytes")
+    # Every Delta Chat connect sends its ~930-byte token: one C pass over the bytes
+    # decides the usual case (~1 us, where decoding and str.isprintable took ~3.5 us);
+    # the checks below name what is wrong with any other.
+    if not raw.translate(None, _TOKEN_BYTES):
+        return raw.decode("ascii")
     try:
         token = raw.decode("ascii")
     except UnicodeDecodeError:

@@ -11,12 +11,10 @@ touches again are swept out by :mod:`chatmaild.tokensweep`.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .database import Writer
+from .database import Writer, WriteTransaction
 
 #: Bounds of the attribute read cache (:class:`AttributeCache`): entries kept, and the
 #: largest value kept (a longer one is read from SQLite every time).
@@ -120,11 +118,9 @@ class MetadataStore:
         # One cursor for the point query: conn.execute makes a new cursor per call.
         self._point_cursor = conn.cursor()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> WriteTransaction:
         """One atomic write transaction (see :class:`chatmaild.database.Writer`)."""
-        with self._writer.transaction() as conn:
-            yield conn
+        return self._writer.transaction()
 
     # -- attributes -------------------------------------------------------
     def get_attribute(self, user: str, key: bytes) -> bytes | None:

@@ -239,6 +239,29 @@ def test_devicetoken_add_refresh_lookup(s):
     )
 
 
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        (b"", "empty device token"),
+        (b"a" * 4097, "device token longer than 4096 bytes"),
+        (b"tok\xc3\xa9", "device token is not ASCII"),
+        (b"tok en", "device token contains spaces or control characters"),
+        (b"tok\ten", "device token contains spaces or control characters"),
+        (b"tok\x7f", "device token contains spaces or control characters"),
+        (b"\x01tok", "device token contains spaces or control characters"),
+    ],
+)
+def test_devicetoken_refused_with_the_reason_and_nothing_stored(s, token, why):
+    assert s.set(priv("devicetoken"), token) == b"F1\t" + why.encode() + b"\n"
+    assert s.lookup(priv("devicetoken")) == b"N\n"
+
+
+def test_devicetoken_of_every_printable_ascii_byte_but_the_space_is_stored(s):
+    token = bytes(range(0x21, 0x7F))
+    assert s.set(priv("devicetoken"), token) == OK
+    assert s.lookup(priv("devicetoken")) == b"O" + token + b"\n"
+
+
 def test_devicetoken_unset_removes_all(s):
     s.set(priv("devicetoken"), b"t1")
     s.set(priv("devicetoken"), b"t2")

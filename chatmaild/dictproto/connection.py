@@ -18,7 +18,7 @@ from collections import deque
 from chatmail_common.logclip import clip
 
 from .errors import LocalProtocolError, RemoteProtocolError
-from .events import Event, Hello, Iterate, Lookup, Refusal, ReplyOwing
+from .events import Event, Hello, Iterate, Lookup, Refusal, ReplyOwing, SetOp
 from .framing import DEFAULT_MAX_LINE, LineBuffer, Oversized
 from .parsing import (
     PARSERS_BY_VERSION,
@@ -36,6 +36,7 @@ from .versions import DEFAULT_VERSION, VERSIONS, ProtocolVersion, version_for
 
 _L = ord("L")
 _H = ord("H")
+_S = ord("S")
 MAX_PROBLEMS = 64  # descriptions kept until the caller takes them (``errors`` counts all)
 #: H lines already parsed, and their (immutable) Hello: every connection starts with one
 #: of the few lines the Dovecot releases send, and Dovecot 2.3 makes a connection per
@@ -114,12 +115,27 @@ class DictConnection:
                         self._owed.append(lookup)
                         return lookup
                 ev = self._parse(line)  # type: ignore[arg-type]
+            elif line[0] == _S and b"\x01" not in line and self._set_unescaped(line):  # type: ignore
+                continue  # the transaction took it: nothing to hand out
             elif line[0] == _H and (hello := _HELLOS.get(line)) is not None:  # type: ignore
                 ev = self._hello(hello)
             else:
                 ev = self._parse(line)  # type: ignore[arg-type]
             if ev is not None:
                 return ev
+
+    def _set_unescaped(self, line: bytes) -> bool:
+        """An ``S`` line with nothing escaped (every device-token refresh: a ~1 KB line)
+        added to its open transaction as parse_set and ``_add_op`` would; False, having
+        changed nothing, for anything they would refuse (the general path reports it)."""
+        fields = line[1:].split(b"\t")
+        if len(fields) < 3:
+            return False
+        try:
+            self._transactions.add(fields[0].decode("utf-8"), SetOp(fields[1], fields[2]))
+        except (UnicodeDecodeError, RemoteProtocolError):  # add raises before it changes
+            return False
+        return True
 
     def _parse(self, line: bytes) -> Event | None:
         """Any non-empty line: the event it makes, or None for a transaction command."""
