@@ -22,6 +22,7 @@ and a worker whose loop raises is replaced and counted, so pushing never stops s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
@@ -88,6 +89,9 @@ class Notifier:
         self._claimed: dict[int, tuple[Job, Registration | None]] = {}
         self._reserved: list[tuple[str, str]] = []
         self._staged_sent_to: dict[int, Registration | None] = {}
+        # Committed jobs (due now) not yet in the queue: handed over once the dict server's
+        # loop turn is done (_hand_off); each is owed an idle worker already.
+        self._handing: list[tuple[float, Ticket]] = []
         self._stopping = threading.Event()
         self._live = 0  # workers with their resources open (under _lock)
         self._commits: JobCommitter | None = None  # from start() to stop()
@@ -125,14 +129,15 @@ class Notifier:
         Their keys count as in flight from now on, so a second delivery before the push is
         made waits in a fresh job (coalescing as before) and no other job of the key is
         sent meanwhile; :meth:`rolled_back` frees them again.  Only as many as there are
-        idle workers not yet owed a due job or a job reserved in this transaction: a claim
+        idle workers not yet owed a due job, a job reserved in this transaction or one committed
+        and not yet handed over: a claim
         counts the attempt, and one that waited behind a backlog and was then lost to a
         kill -9 would cost the job an attempt never made (all of them at
         ``max_attempts = 1``).
         """
         if self._commits is None or self._stopping.is_set():
             return []  # no workers: every job waits on disk, fresh, for start()
-        spare = self.queue.idle_takers() - len(self._reserved)
+        spare = self.queue.idle_takers() - len(self._reserved) - len(self._handing)
         if spare <= 0:
             return []
         with self._lock:
@@ -165,7 +170,33 @@ class Notifier:
                 self._release(key)
         if staged:
             self.metrics.queued.inc(len(staged))
-            self.queue.put_many([(job.due, _ticket(job)) for job in staged])
+            self._hand_off([(job.due, _ticket(job)) for job in staged])
+
+    def _hand_off(self, items: list[tuple[float, Ticket]]) -> None:
+        """Put committed jobs in the queue, on the dict server's loop after its turn.
+
+        ``committed`` runs in the middle of the loop's turn, before the commit's ``O`` and
+        the other replies of its group are written.  A worker woken there took the GIL
+        from the loop thread at its next system call (the reply's send) and handed it
+        back at its own (its connection check): about four more thread switches per push
+        than a worker woken at the end of the turn, when the loop thread is about to wait
+        in ``epoll`` and needs the GIL no more.  The jobs are on disk either way; what
+        waits is only the wake-up.  Without a running loop (tests, a caller of its own)
+        they are put at once.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.queue.put_many(items)
+            return
+        if not self._handing:
+            loop.call_soon(self._handed_over)
+        self._handing.extend(items)
+
+    def _handed_over(self) -> None:
+        items, self._handing = self._handing, []
+        if items:
+            self.queue.put_many(items)
 
     # -- life cycle ---------------------------------------------------------
     def start(self) -> int:
@@ -195,6 +226,7 @@ class Notifier:
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self.queue.close()
+        self._handing = []  # on disk: start() resumes them
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
