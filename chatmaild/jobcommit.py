@@ -17,7 +17,8 @@ The durability contract of :mod:`chatmaild.jobstore` holds:
   that window is 20 ms long: while finishes keep coming it writes every 20 ms
   without being woken for them, and an idle thread is woken by the first one.
   (Most jobs need no claim of their own, see :mod:`chatmaild.notifier`, so mostly
-  the thread writes them: one transaction per 20 ms of finishes, not one per push.)  :meth:`close` writes what is still queued.
+  the thread writes them: one transaction per 20 ms of finishes, not one per push.)
+  :meth:`close` writes what is still queued.
 
 Once closed (the notifier stopping), an operation is made in its caller's own
 transaction, as before batching, so a worker still finishing its job loses nothing.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from .jobqueue import Job
 from .jobstore import CLAIM, FINISH, RESCHEDULE, JobOp, JobStore
 from .outcomelog import PushRecord
+from .threadpolicy import no_wakeup_preemption
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,7 @@ class JobCommitter:
         self.store.close()
 
     def _run(self) -> None:
+        no_wakeup_preemption()
         delay = RETRY_FIRST
         # The linger window: finishes that come in it are written at its end, and need no
         # wake-up (a worker woke the thread for the first finish of each batch, a thread

@@ -40,6 +40,7 @@ from .outcomelog import DROPPED, GONE, RETRIED, SENT, PushRecord
 from .pushtransport import PushTransport
 from .relaymetrics import RelayMetrics
 from .store import Registration
+from .threadpolicy import no_wakeup_preemption
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ class Notifier:
     # -- workers ------------------------------------------------------------
     def _supervise(self) -> None:
         """Run a worker until the queue closes; one that dies is replaced (and counted)."""
+        no_wakeup_preemption()
         restart_delay = OPEN_RETRY_FIRST
         while True:
             try:

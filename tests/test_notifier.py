@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,3 +324,17 @@ def test_gone_keeps_a_token_registered_again_during_the_push(tmp_path: Path) -> 
         assert relay.notifier.metrics.tokens_removed._value.get() == 0
     finally:
         relay.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
+def test_workers_and_committer_never_preempt_the_dict_loop(relay: Relay) -> None:
+    """Woken, they would take the loop thread's core only to wait for its GIL."""
+    background = [t for t in threading.enumerate() if t.name.startswith("notifier-")]
+    assert len(background) == 4 + 1  # the workers and the job committer
+    batch = os.SCHED_BATCH
+
+    def policies() -> set[int]:
+        return {os.sched_getscheduler(t.native_id) for t in background}
+
+    wait_until(lambda: policies() == {batch})
+    assert os.sched_getscheduler(0) != batch  # the loop's thread (here the test's) as it was
