@@ -77,6 +77,7 @@ class JobCommitter:
         self._busy = False  # a batch is being written (by a worker or the thread)
         self._failing = False  # the last batch failed: only the thread retries, with backoff
         self._idle = False  # the committing thread waits with nothing queued, untimed
+        self._arrived = 0  # ends queued so far (a window in which some came is not idle)
         self._thread = threading.Thread(target=self._run, name="notifier-commit", daemon=True)
         #: Transactions committed and operations written (for tests and the bench).
         self.batches = 0
@@ -127,6 +128,7 @@ class JobCommitter:
         with self._cond:
             if not self._closed:
                 self._ends.append(op)
+                self._arrived += 1
                 # Only an idle committing thread is woken (to start its linger window):
                 # waking it for each end cost a thread switch per push, and for the first
                 # of each batch one per batch.
@@ -134,6 +136,32 @@ class JobCommitter:
                     self._cond.notify_all()
                 return
         own.apply([op])
+
+    def take_ends(self) -> list[JobOp]:
+        """The queued finishes and reschedules, for a transaction being written anyway.
+
+        The dict commit that writes new jobs takes them (:meth:`JobStore.carry`): under
+        a steady flow of mail no batch of its own is written, and this thread is not
+        woken for them.  The caller holds the database's write lock, so any batch taken
+        before is written before them (or after them, holding no end of theirs: an end
+        follows the commit of its job's claim).  Not committed after all: :meth:`give_back`.
+        """
+        with self._cond:
+            if self._closed or not self._ends:
+                return []
+            ends, self._ends = self._ends, []
+            return ends
+
+    def give_back(self, own: JobStore, ends: list[JobOp]) -> None:
+        """The transaction that took ``ends`` rolled back: they go in the next batch."""
+        if not ends:
+            return
+        with self._cond:
+            if not self._closed:
+                self._ends[:0] = ends  # ahead of the later ones, in order
+                self._cond.notify_all()
+                return
+        own.apply(ends)
 
     def queued(self) -> int:
         """Operations waiting for the next batch."""
@@ -191,8 +219,10 @@ class JobCommitter:
         # The linger window: finishes that come in it are written at its end, and need no
         # wake-up (a worker woke the thread for the first finish of each batch, a thread
         # switch and a GIL hand-off per batch).  It starts at the first finish after the
-        # thread went idle, and again after each batch; one with nothing to write ends it.
+        # thread went idle, and again after each batch or each window in which finishes
+        # came (the dict commits may have carried them all); a window without any ends it.
         window_end: float | None = None
+        arrived = self._arrived
         while True:
             with self._cond:
                 while True:
@@ -210,16 +240,18 @@ class JobCommitter:
                             finally:
                                 self._idle = False
                             continue
-                        window_end = now + LINGER
+                        window_end, arrived = now + LINGER, self._arrived
                     if now >= window_end:
                         if self._ends:
                             break
-                        window_end = None
+                        window_end = now + LINGER if self._arrived != arrived else None
+                        arrived = self._arrived
                         continue
                     self._cond.wait(window_end - now)
                 if not (self._claims or self._ends):
                     return  # closed, and everything is written
                 claims, ends = self._take()
+                arrived = self._arrived
             error = self._write(claims, ends)
             if error is None:
                 delay = RETRY_FIRST

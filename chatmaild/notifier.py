@@ -35,7 +35,7 @@ from chatmail_common.outcome import Outcome
 from .duequeue import Closed, DueQueue
 from .jobcommit import JobCommitter
 from .jobqueue import Job, RetryPolicy
-from .jobstore import JobStore
+from .jobstore import JobOp, JobStore
 from .outcomelog import DROPPED, GONE, RETRIED, SENT, PushRecord
 from .pushtransport import PushTransport
 from .relaymetrics import RelayMetrics
@@ -93,6 +93,11 @@ class Notifier:
         # Committed jobs (due now) not yet in the queue: handed over once the dict server's
         # loop turn is done (_hand_off); each is owed an idle worker already.
         self._handing: list[tuple[float, Ticket]] = []
+        # The workers' finishes and reschedules the transaction being written carries
+        # (None: it took none yet), and the outcome log's prune cutoff they moved to.
+        self._carrying: list[JobOp] | None = None
+        self._carry_pruned: int | None = None
+        self._carried_from: JobCommitter | None = None  # gives them back if it rolls back
         self._stopping = threading.Event()
         self._live = 0  # workers with their resources open (under _lock)
         self._commits: JobCommitter | None = None  # from start() to stop()
@@ -122,6 +127,14 @@ class Notifier:
                 # write transaction, its pages cached, where a worker's own read began a
                 # read transaction that refetched them (every commit invalidates them).
                 self._staged_sent_to[job.id] = enqueuer.registration(user, job.token)
+        if self._carrying is None and self._commits is not None:
+            # The finished pushes ride along: this transaction writes the jobs' pages
+            # anyway, where a batch of the committer's own cost a transaction, its
+            # thread's wake-up and a reread of the pages this one changed.
+            self._carried_from = self._commits
+            self._carrying = self._commits.take_ends()
+            if self._carrying:
+                self._carry_pruned = enqueuer.carry(self._carrying)
 
     def _reserve(self, user: str, tokens: list[str]) -> list[str]:
         """The tokens whose job is written claimed: no push in flight (nor reserved) for
@@ -148,6 +161,9 @@ class Notifier:
         return claimed
 
     def rolled_back(self) -> None:
+        carrying, self._carrying = self._carrying, None
+        if carrying and self._carried_from is not None and self._enqueuer is not None:
+            self._carried_from.give_back(self._enqueuer, carrying)  # closed: applied here
         self._staged.clear()
         self._staged_sent_to.clear()
         self._staged_coalesced = 0  # a group retried without one transaction counts again
@@ -156,6 +172,9 @@ class Notifier:
             self._release(key)
 
     def committed(self) -> None:
+        carrying, self._carrying = self._carrying, None
+        if carrying and self._enqueuer is not None:
+            self._enqueuer.carried(self._carry_pruned)
         staged, self._staged = self._staged, []
         coalesced, self._staged_coalesced = self._staged_coalesced, 0
         reserved, self._reserved = self._reserved, []
