@@ -143,11 +143,10 @@ class Notifier:
         Their keys count as in flight from now on, so a second delivery before the push is
         made waits in a fresh job (coalescing as before) and no other job of the key is
         sent meanwhile; :meth:`rolled_back` frees them again.  Only as many as there are
-        idle workers not yet owed a due job, a job reserved in this transaction or one committed
-        and not yet handed over: a claim
-        counts the attempt, and one that waited behind a backlog and was then lost to a
-        kill -9 would cost the job an attempt never made (all of them at
-        ``max_attempts = 1``).
+        idle workers not yet owed a due job, a job reserved in this transaction or one
+        committed and not yet handed over: a claim counts the attempt, and one that waited
+        behind a backlog and was then lost to a kill -9 would cost the job an attempt never
+        made (all of them at ``max_attempts = 1``).
         """
         if self._commits is None or self._stopping.is_set():
             return []  # no workers: every job waits on disk, fresh, for start()
