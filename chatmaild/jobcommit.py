@@ -17,8 +17,9 @@ The durability contract of :mod:`chatmaild.jobstore` holds:
   that window is 20 ms long: while finishes keep coming it writes every 20 ms
   without being woken for them, and an idle thread is woken by the first one.
   (Most jobs need no claim of their own, see :mod:`chatmaild.notifier`, so mostly
-  the thread writes them: one transaction per 20 ms of finishes, not one per push.)
-  :meth:`close` writes what is still queued.
+  the next dict commit with new mail carries them, :meth:`take_ends`, and else the
+  thread writes them: no transaction of their own while mail flows, one per 20 ms
+  of finishes when it does not.)  :meth:`close` writes what is still queued.
 
 Once closed (the notifier stopping), an operation is made in its caller's own
 transaction, as before batching, so a worker still finishing its job loses nothing.
