@@ -13,10 +13,13 @@ The durability contract of :mod:`chatmaild.jobstore` holds:
   the job's row is still on disk with its attempt counted, so a ``kill -9`` before
   the next batch commits at worst sends that job once more after the restart (a
   counted attempt, never a lost job).  The next claim carries them, or the
-  committing thread writes them :data:`LINGER` (20 ms) after the first of them, so
-  that window is 20 ms long.  (Most jobs need no claim of their own, see
-  :mod:`chatmaild.notifier`, so mostly the thread writes them: one transaction per
-  20 ms of finishes, not one per push.)  :meth:`close` writes what is still queued.
+  committing thread writes them at most :data:`LINGER` (20 ms) after they came, so
+  that window is 20 ms long: while finishes keep coming it writes every 20 ms
+  without being woken for them, and an idle thread is woken by the first one.
+  (Most jobs need no claim of their own, see :mod:`chatmaild.notifier`, so mostly
+  the next dict commit with new mail carries them, :meth:`take_ends`, and else the
+  thread writes them: no transaction of their own while mail flows, one per 20 ms
+  of finishes when it does not.)  :meth:`close` writes what is still queued.
 
 Once closed (the notifier stopping), an operation is made in its caller's own
 transaction, as before batching, so a worker still finishing its job loses nothing.
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from .jobqueue import Job
 from .jobstore import CLAIM, FINISH, RESCHEDULE, JobOp, JobStore
 from .outcomelog import PushRecord
+from .threadpolicy import no_wakeup_preemption
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ class JobCommitter:
         self._closed = False
         self._busy = False  # a batch is being written (by a worker or the thread)
         self._failing = False  # the last batch failed: only the thread retries, with backoff
+        self._idle = False  # the committing thread waits with nothing queued, untimed
+        self._arrived = 0  # ends queued so far (a window in which some came is not idle)
         self._thread = threading.Thread(target=self._run, name="notifier-commit", daemon=True)
         #: Transactions committed and operations written (for tests and the bench).
         self.batches = 0
@@ -123,12 +129,40 @@ class JobCommitter:
         with self._cond:
             if not self._closed:
                 self._ends.append(op)
-                # Only the first end wakes the committing thread (to start its linger);
-                # waking it for each one cost a thread switch per push.
-                if len(self._ends) == 1 and not self._busy:
+                self._arrived += 1
+                # Only an idle committing thread is woken (to start its linger window):
+                # waking it for each end cost a thread switch per push, and for the first
+                # of each batch one per batch.
+                if self._idle:
                     self._cond.notify_all()
                 return
         own.apply([op])
+
+    def take_ends(self) -> list[JobOp]:
+        """The queued finishes and reschedules, for a transaction being written anyway.
+
+        The dict commit that writes new jobs takes them (:meth:`JobStore.carry`): under
+        a steady flow of mail no batch of its own is written, and this thread is not
+        woken for them.  The caller holds the database's write lock, so any batch taken
+        before is written before them (or after them, holding no end of theirs: an end
+        follows the commit of its job's claim).  Not committed after all: :meth:`give_back`.
+        """
+        with self._cond:
+            if self._closed or not self._ends:
+                return []
+            ends, self._ends = self._ends, []
+            return ends
+
+    def give_back(self, own: JobStore, ends: list[JobOp]) -> None:
+        """The transaction that took ``ends`` rolled back: they go in the next batch."""
+        if not ends:
+            return
+        with self._cond:
+            if not self._closed:
+                self._ends[:0] = ends  # ahead of the later ones, in order
+                self._cond.notify_all()
+                return
+        own.apply(ends)
 
     def queued(self) -> int:
         """Operations waiting for the next batch."""
@@ -181,31 +215,50 @@ class JobCommitter:
         self.store.close()
 
     def _run(self) -> None:
+        no_wakeup_preemption()
         delay = RETRY_FIRST
+        # The linger window: finishes that come in it are written at its end, and need no
+        # wake-up (a worker woke the thread for the first finish of each batch, a thread
+        # switch and a GIL hand-off per batch).  It starts at the first finish after the
+        # thread went idle, and again after each batch or each window in which finishes
+        # came (the dict commits may have carried them all); a window without any ends it.
+        window_end: float | None = None
+        arrived = self._arrived
         while True:
             with self._cond:
-                linger_until: float | None = None
                 while True:
-                    if self._busy or not (self._claims or self._ends or self._closed):
-                        self._cond.wait()
-                    elif self._ends and not (self._claims or self._closed):
-                        # Only finishes: the next worker's claim may carry them, or they
-                        # are written LINGER after the first (one transaction for all).
-                        now = time.monotonic()
-                        if linger_until is None:
-                            linger_until = now + LINGER
-                        elif now >= linger_until:
-                            break
-                        self._cond.wait(linger_until - now)
-                    else:
+                    if self._busy:
+                        self._cond.wait()  # the batch's writer notifies when it is done
+                        continue
+                    if self._claims or self._closed:
                         break
+                    now = time.monotonic()
+                    if window_end is None:
+                        if not self._ends:
+                            self._idle = True  # the next end wakes the thread
+                            try:
+                                self._cond.wait()
+                            finally:
+                                self._idle = False
+                            continue
+                        window_end, arrived = now + LINGER, self._arrived
+                    if now >= window_end:
+                        if self._ends:
+                            break
+                        window_end = now + LINGER if self._arrived != arrived else None
+                        arrived = self._arrived
+                        continue
+                    self._cond.wait(window_end - now)
                 if not (self._claims or self._ends):
                     return  # closed, and everything is written
                 claims, ends = self._take()
+                arrived = self._arrived
             error = self._write(claims, ends)
             if error is None:
                 delay = RETRY_FIRST
+                window_end = time.monotonic() + LINGER
                 continue
+            window_end = None
             with self._cond:
                 closed = self._closed
                 # Stopping: no next batch, so the claims that queued meanwhile fail

@@ -115,28 +115,45 @@ class JobStore:
         batch of several workers' operations costs one commit (:mod:`chatmaild.jobcommit`).
         A finish or reschedule carrying a :class:`PushRecord` counts it in the same commit.
         """
-        results: list[Job | None] = []
-        outcomes: list[PushRecord] = []
         with self._writer.transaction() as conn:
-            for kind, job_id, due, outcome in ops:
-                job = None
-                if kind == CLAIM:
-                    rows = conn.execute(  # fetchall: the statement is done before COMMIT
-                        "UPDATE jobs SET attempts = attempts + 1 WHERE id=? "
-                        f"RETURNING {_JOB_COLUMNS}",
-                        (job_id,),
-                    ).fetchall()
-                    job = Job(*rows[0]) if rows else None
-                elif kind == FINISH:
-                    conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-                else:
-                    conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
-                if outcome is not None:
-                    outcomes.append(outcome)
-                results.append(job)
-            pruned = record_many(conn, outcomes, self._pruned_before)
+            results, pruned = self._write(conn, ops)
         self._pruned_before = pruned  # only once the prune is committed
         return results
+
+    def carry(self, ops: Sequence[JobOp]) -> int | None:
+        """:meth:`apply`'s finishes and reschedules inside the caller's transaction.
+
+        The dict commit that writes new jobs writes the finished ones too
+        (:meth:`chatmaild.jobcommit.JobCommitter.take_ends`): no transaction of their own.
+        Returns the outcome log's prune cutoff, for :meth:`carried` once it committed.
+        """
+        return self._write(self.conn, ops)[1]
+
+    def carried(self, pruned_before: int | None) -> None:
+        """The transaction :meth:`carry` wrote in has committed (its prune with it)."""
+        self._pruned_before = pruned_before
+
+    def _write(
+        self, conn: sqlite3.Connection, ops: Sequence[JobOp]
+    ) -> tuple[list[Job | None], int | None]:
+        results: list[Job | None] = []
+        outcomes: list[PushRecord] = []
+        for kind, job_id, due, outcome in ops:
+            job = None
+            if kind == CLAIM:
+                rows = conn.execute(  # fetchall: the statement is done before COMMIT
+                    f"UPDATE jobs SET attempts = attempts + 1 WHERE id=? RETURNING {_JOB_COLUMNS}",
+                    (job_id,),
+                ).fetchall()
+                job = Job(*rows[0]) if rows else None
+            elif kind == FINISH:
+                conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            else:
+                conn.execute("UPDATE jobs SET due=? WHERE id=?", (due, job_id))
+            if outcome is not None:
+                outcomes.append(outcome)
+            results.append(job)
+        return results, record_many(conn, outcomes, self._pruned_before)
 
     def registration(self, user: str, token: str) -> Registration | None:
         """The token's registration now: what a GONE for the push about to go out removes."""

@@ -22,6 +22,7 @@ and a worker whose loop raises is replaced and counted, so pushing never stops s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
@@ -34,11 +35,12 @@ from chatmail_common.outcome import Outcome
 from .duequeue import Closed, DueQueue
 from .jobcommit import JobCommitter
 from .jobqueue import Job, RetryPolicy
-from .jobstore import JobStore
+from .jobstore import JobOp, JobStore
 from .outcomelog import DROPPED, GONE, RETRIED, SENT, PushRecord
 from .pushtransport import PushTransport
 from .relaymetrics import RelayMetrics
 from .store import Registration
+from .threadpolicy import no_wakeup_preemption
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,14 @@ class Notifier:
         self._claimed: dict[int, tuple[Job, Registration | None]] = {}
         self._reserved: list[tuple[str, str]] = []
         self._staged_sent_to: dict[int, Registration | None] = {}
+        # Committed jobs (due now) not yet in the queue: handed over once the dict server's
+        # loop turn is done (_hand_off); each is owed an idle worker already.
+        self._handing: list[tuple[float, Ticket]] = []
+        # The workers' finishes and reschedules the transaction being written carries
+        # (None: it took none yet), and the outcome log's prune cutoff they moved to.
+        self._carrying: list[JobOp] | None = None
+        self._carry_pruned: int | None = None
+        self._carried_from: JobCommitter | None = None  # gives them back if it rolls back
         self._stopping = threading.Event()
         self._live = 0  # workers with their resources open (under _lock)
         self._commits: JobCommitter | None = None  # from start() to stop()
@@ -117,6 +127,14 @@ class Notifier:
                 # write transaction, its pages cached, where a worker's own read began a
                 # read transaction that refetched them (every commit invalidates them).
                 self._staged_sent_to[job.id] = enqueuer.registration(user, job.token)
+        if self._carrying is None and self._commits is not None:
+            # The finished pushes ride along: this transaction writes the jobs' pages
+            # anyway, where a batch of the committer's own cost a transaction, its
+            # thread's wake-up and a reread of the pages this one changed.
+            self._carried_from = self._commits
+            self._carrying = self._commits.take_ends()
+            if self._carrying:
+                self._carry_pruned = enqueuer.carry(self._carrying)
 
     def _reserve(self, user: str, tokens: list[str]) -> list[str]:
         """The tokens whose job is written claimed: no push in flight (nor reserved) for
@@ -125,14 +143,14 @@ class Notifier:
         Their keys count as in flight from now on, so a second delivery before the push is
         made waits in a fresh job (coalescing as before) and no other job of the key is
         sent meanwhile; :meth:`rolled_back` frees them again.  Only as many as there are
-        idle workers not yet owed a due job or a job reserved in this transaction: a claim
-        counts the attempt, and one that waited behind a backlog and was then lost to a
-        kill -9 would cost the job an attempt never made (all of them at
-        ``max_attempts = 1``).
+        idle workers not yet owed a due job, a job reserved in this transaction or one
+        committed and not yet handed over: a claim counts the attempt, and one that waited
+        behind a backlog and was then lost to a kill -9 would cost the job an attempt never
+        made (all of them at ``max_attempts = 1``).
         """
         if self._commits is None or self._stopping.is_set():
             return []  # no workers: every job waits on disk, fresh, for start()
-        spare = self.queue.idle_takers() - len(self._reserved)
+        spare = self.queue.idle_takers() - len(self._reserved) - len(self._handing)
         if spare <= 0:
             return []
         with self._lock:
@@ -142,6 +160,9 @@ class Notifier:
         return claimed
 
     def rolled_back(self) -> None:
+        carrying, self._carrying = self._carrying, None
+        if carrying and self._carried_from is not None and self._enqueuer is not None:
+            self._carried_from.give_back(self._enqueuer, carrying)  # closed: applied here
         self._staged.clear()
         self._staged_sent_to.clear()
         self._staged_coalesced = 0  # a group retried without one transaction counts again
@@ -150,6 +171,9 @@ class Notifier:
             self._release(key)
 
     def committed(self) -> None:
+        carrying, self._carrying = self._carrying, None
+        if carrying and self._enqueuer is not None:
+            self._enqueuer.carried(self._carry_pruned)
         staged, self._staged = self._staged, []
         coalesced, self._staged_coalesced = self._staged_coalesced, 0
         reserved, self._reserved = self._reserved, []
@@ -165,7 +189,33 @@ class Notifier:
                 self._release(key)
         if staged:
             self.metrics.queued.inc(len(staged))
-            self.queue.put_many([(job.due, _ticket(job)) for job in staged])
+            self._hand_off([(job.due, _ticket(job)) for job in staged])
+
+    def _hand_off(self, items: list[tuple[float, Ticket]]) -> None:
+        """Put committed jobs in the queue, on the dict server's loop after its turn.
+
+        ``committed`` runs in the middle of the loop's turn, before the commit's ``O`` and
+        the other replies of its group are written.  A worker woken there took the GIL
+        from the loop thread at its next system call (the reply's send) and handed it
+        back at its own (its connection check): about four more thread switches per push
+        than a worker woken at the end of the turn, when the loop thread is about to wait
+        in ``epoll`` and needs the GIL no more.  The jobs are on disk either way; what
+        waits is only the wake-up.  Without a running loop (tests, a caller of its own)
+        they are put at once.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.queue.put_many(items)
+            return
+        if not self._handing:
+            loop.call_soon(self._handed_over)
+        self._handing.extend(items)
+
+    def _handed_over(self) -> None:
+        items, self._handing = self._handing, []
+        if items:
+            self.queue.put_many(items)
 
     # -- life cycle ---------------------------------------------------------
     def start(self) -> int:
@@ -195,6 +245,7 @@ class Notifier:
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self.queue.close()
+        self._handing = []  # on disk: start() resumes them
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -211,6 +262,7 @@ class Notifier:
     # -- workers ------------------------------------------------------------
     def _supervise(self) -> None:
         """Run a worker until the queue closes; one that dies is replaced (and counted)."""
+        no_wakeup_preemption()
         restart_delay = OPEN_RETRY_FIRST
         while True:
             try:

@@ -50,6 +50,14 @@ USER_AGENT = "chatmail-metadata"
 #: A response head longer than this is an error (a /notify answer is a few lines).
 MAX_HEAD = 65536
 
+# Linux's ``struct tcp_info``: the state is its first byte, ``tcpi_bytes_received`` (the
+# payload bytes the connection received, read or not; Linux 4.1+) the u64 at offset 128.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+_TCP_ESTABLISHED = 1
+_BYTES_RECEIVED = struct.Struct("=Q")
+_BYTES_RECEIVED_AT = 128
+_TCP_INFO_LEN = _BYTES_RECEIVED_AT + _BYTES_RECEIVED.size
+
 
 def answer_for_status(status: int) -> PushAnswer:
     """The relay's reading of a ``/notify`` status: 200 done, 410 gone, else retry."""
@@ -109,9 +117,13 @@ class PlainHttpClient:
     server has to wait for.  ``http.client`` still opens the connection (host and
     port as written, its timeout); the response is read by :func:`parse_response_head`.
 
-    A connection the server has closed while idle (its keep-alive timeout) is readable
-    (EOF) before the next request: it is reopened first, so that request is not lost
-    to a stale connection.  Any error during a request is a RETRY, never repeated here.
+    A connection the server has closed while idle (its keep-alive timeout) is no longer
+    established, or has bytes nobody asked for: it is reopened first, so that request is
+    not lost to a stale connection.  Any error during a request is a RETRY, never
+    repeated here.  On Linux that check is one ``getsockopt(TCP_INFO)``, which Python
+    makes without releasing the GIL: a ``poll`` released it, and a worker whose GIL
+    the dict server's loop took there waited for it back, a hand-off per push.
+    Elsewhere it is the ``poll(0)``: readable (EOF, an error or bytes) means stale.
 
     Once connected, the socket is blocking and the timeout is the kernel's
     (``SO_RCVTIMEO``/``SO_SNDTIMEO``, per send and per receive as Python's own): with a
@@ -137,16 +149,17 @@ class PlainHttpClient:
             f"User-Agent: {USER_AGENT}\r\nContent-Length: "
         ).encode("ascii")
         self._readable = select.poll()
+        self._received = 0  # response bytes read on the open connection
+        self._tcp_info = _TCP_INFO is not None
 
     def _open_socket(self) -> socket.socket:
         """The kept connection, or a new one if there is none or the server closed it."""
         sock = self.conn.sock
         if sock is not None:
-            # A poll object kept per connection: one poll(0) syscall, not select()'s lists.
-            # (A peek with MSG_DONTWAIT would wait for the socket's timeout first.)
-            if not self._readable.poll(0):
+            if self._intact(sock):
                 return sock
-            self.conn.close()  # EOF (closed by the server), an error, or unasked-for bytes
+            self.conn.close()  # closed by the server, an error, or unasked-for bytes
+        self._received = 0
         self.conn.connect()
         sock = self.conn.sock
         assert sock is not None
@@ -161,12 +174,29 @@ class PlainHttpClient:
         self._readable.register(sock, select.POLLIN)
         return sock
 
+    def _intact(self, sock: socket.socket) -> bool:
+        """The idle connection is still open and holds no bytes nobody asked for."""
+        option = _TCP_INFO
+        if option is not None and self._tcp_info:
+            try:
+                info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_LEN)
+            except OSError:
+                return False
+            if len(info) >= _TCP_INFO_LEN:
+                received = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_AT)[0]
+                return info[0] == _TCP_ESTABLISHED and received == self._received
+            self._tcp_info = False  # a kernel before 4.1: poll from now on
+        # A poll object kept per connection: one poll(0) syscall, not select()'s lists.
+        # (A peek with MSG_DONTWAIT would wait for the socket's timeout first.)
+        return not self._readable.poll(0)
+
     def push(self, token: str) -> PushAnswer:
         body = token.encode()
         try:
             sock = self._open_socket()
             sock.sendall(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
-            status, keep = _read_response(sock)
+            status, keep, read = _read_response(sock)
+            self._received += read
         except BlockingIOError:  # EAGAIN: the kernel's timeout (SO_RCVTIMEO/SO_SNDTIMEO)
             self.conn.close()
             return _failed(TimeoutError("timed out"))
@@ -222,9 +252,11 @@ def parse_response_head(head: bytes) -> ResponseHead:
     return ResponseHead(int(parts[1]), length, keep and length is not None)
 
 
-def _read_response(sock: socket.socket) -> tuple[int, bool]:
-    """Read one response (skipping 1xx); its status and whether the connection is reusable."""
+def _read_response(sock: socket.socket) -> tuple[int, bool, int]:
+    """Read one response (skipping 1xx); its status, whether the connection is reusable,
+    and how many bytes were read."""
     buf = b""
+    read = 0
     while True:
         while (end := buf.find(b"\r\n\r\n")) < 0:
             if len(buf) > MAX_HEAD:
@@ -233,19 +265,21 @@ def _read_response(sock: socket.socket) -> tuple[int, bool]:
             if not data:
                 raise http.client.RemoteDisconnected("closed without a response")
             buf += data
+            read += len(data)
         head = parse_response_head(buf[:end])
         buf = buf[end + 4 :]
         if not 100 <= head.status < 200:
             break
     if head.length is None:
-        return head.status, False  # the body is not needed; the connection is dropped
+        return head.status, False, read  # the body is not needed; the connection is dropped
     while len(buf) < head.length:
         data = sock.recv(65536)
         if not data:
             raise http.client.IncompleteRead(buf)
         buf += data
+        read += len(data)
     # Bytes after the body nobody asked for: the connection is not reused.
-    return head.status, head.keep_alive and len(buf) == head.length
+    return head.status, head.keep_alive and len(buf) == head.length, read
 
 
 class EmbeddedPushTransport:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers_chatmaild import T0
 
+from chatmaild import jobcommit
 from chatmaild.database import Writer, write_lock
 from chatmaild.jobcommit import JobCommitter
 from chatmaild.jobqueue import Job, RetryPolicy
@@ -228,3 +229,33 @@ def test_a_claim_queued_while_a_failing_batch_meets_close_still_returns(db):
     assert isinstance(errors["a"], sqlite3.OperationalError)
     assert "b" in errors  # answered (an error: the worker puts the job back)
     assert on_disk(db) == {a.id: (0, T0), b.id: (0, T0)}
+
+
+def test_ends_taken_by_a_transaction_are_written_by_it_or_given_back(db, monkeypatch):
+    """The dict commit carries the queued finishes; rolled back, they go in a batch again."""
+    monkeypatch.setattr(jobcommit, "LINGER", 60.0)  # no batch of its own during the test
+    a, b = make_jobs(db, 2)
+    own = JobStore.open(db)
+    dict_conn = JobStore.open(db)  # the dict server's connection, its own transaction
+    committer = JobCommitter(JobStore.open(db))
+    committer.start()
+    try:
+        committer.finish(own, a.id)
+        with Writer(dict_conn.conn).transaction():
+            carried = committer.take_ends()
+            dict_conn.carried(dict_conn.carry(carried))
+        assert committer.queued() == 0 and committer.batches == 0
+        assert on_disk(db) == {b.id: (0, T0)}  # a's row went with that commit
+        committer.finish(own, b.id)
+        with pytest.raises(RuntimeError), Writer(dict_conn.conn).transaction():
+            carried = committer.take_ends()
+            dict_conn.carry(carried)
+            raise RuntimeError("the dict commit fails")
+        committer.give_back(own, carried)
+        assert on_disk(db) == {b.id: (0, T0)}  # rolled back: b still there, and still owed
+        assert committer.queued() == 1
+    finally:
+        committer.close()  # writes what is queued
+        own.close()
+        dict_conn.close()
+    assert on_disk(db) == {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from chatmail_common.outcome import Outcome
 from chatmaild import dictproto as dp
+from chatmaild import threadpolicy
 from chatmaild.config import read_config
 from chatmaild.database import connect
 from chatmaild.jobqueue import RetryPolicy
@@ -322,3 +325,53 @@ def test_gone_keeps_a_token_registered_again_during_the_push(tmp_path: Path) -> 
         assert relay.notifier.metrics.tokens_removed._value.get() == 0
     finally:
         relay.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
+def test_workers_and_committer_never_preempt_the_dict_loop(relay: Relay) -> None:
+    """Woken, they would take the loop thread's core only to wait for its GIL."""
+    background = [t for t in threading.enumerate() if t.name.startswith("notifier-")]
+    assert len(background) == 4 + 1  # the workers and the job committer
+    batch = os.SCHED_BATCH
+
+    def policies() -> set[int]:
+        return {os.sched_getscheduler(t.native_id) for t in background}
+
+    wait_until(lambda: policies() == {batch})
+    assert os.sched_getscheduler(0) != batch  # the loop's thread (here the test's) as it was
+
+
+def _policy_in_a_thread(monkeypatch: pytest.MonkeyPatch, filtered: bool, allowed: str | None):
+    monkeypatch.setattr(threadpolicy, "seccomp_filtered", lambda: filtered)
+    if allowed is None:
+        monkeypatch.delenv(threadpolicy.ALLOWED_ENV, raising=False)
+    else:
+        monkeypatch.setenv(threadpolicy.ALLOWED_ENV, allowed)
+    seen: list[int] = []
+
+    def run() -> None:
+        threadpolicy.no_wakeup_preemption()
+        seen.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    return seen[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
+def test_under_a_seccomp_filter_the_policy_is_set_only_where_the_unit_allows_it(monkeypatch):
+    """A refused sched_setscheduler can kill the process (systemd's default action)."""
+    assert _policy_in_a_thread(monkeypatch, filtered=True, allowed=None) != os.SCHED_BATCH
+    assert _policy_in_a_thread(monkeypatch, filtered=True, allowed="1") == os.SCHED_BATCH
+    assert _policy_in_a_thread(monkeypatch, filtered=False, allowed=None) == os.SCHED_BATCH
+
+
+def test_the_shipped_unit_allows_the_call_it_says_it_allows() -> None:
+    unit = (Path(__file__).parent.parent / "systemd" / "chatmail-metadata.service").read_text()
+    lines = unit.splitlines()
+    assert "SystemCallFilter=sched_setscheduler" in lines
+    assert lines.index("SystemCallFilter=sched_setscheduler") > lines.index(
+        "SystemCallFilter=~@privileged @resources"
+    )  # an allow after the deny: it is let through again
+    assert f"Environment={threadpolicy.ALLOWED_ENV}=1" in lines

@@ -13,6 +13,7 @@ import pytest
 from test_notifier import USER, Relay, wait_until
 
 from chatmail_common.outcome import Outcome
+from chatmaild import jobcommit
 from chatmaild.jobstore import JobStore
 from chatmaild.outcomelog import SENT, PushRecord, counts_since, record_many
 from chatmaild.pushtransport import PushAnswer
@@ -223,3 +224,26 @@ def test_idle_takers_are_waiting_threads_less_the_items_due() -> None:
         queue.close()
         for t in threads:
             t.join(5)
+
+
+def test_a_finish_rides_along_with_the_next_delivery(
+    tmp_path: Path, sink: PushSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No batch of the committer's own: the next dict commit with new mail deletes the job."""
+    monkeypatch.setattr(jobcommit, "LINGER", 60.0)  # the committer alone would wait a minute
+    relay = Relay(tmp_path, sink.url)
+    relay.notifier.start()
+    try:
+        relay.add_token("phone-a", user="a@example.org")
+        relay.add_token("phone-b", user="b@example.org")
+        relay.new_mail(user="a@example.org")
+        sink.wait_for(1)
+        commits = relay.notifier._commits
+        assert commits is not None
+        wait_until(lambda: commits.queued() == 1)  # a's finish, not written yet
+        assert relay.new_mail(user="b@example.org").startswith(b"O")
+        assert [u for (u,) in relay.conn.execute("SELECT user FROM jobs")] == ["b@example.org"]
+        assert commits.batches == 0
+        assert counts_since(relay.conn, 0)[SENT] == {"200": 1}  # a's outcome, same commit
+    finally:
+        relay.close()

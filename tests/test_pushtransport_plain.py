@@ -57,7 +57,10 @@ def server() -> Iterator[tuple[int, list[bytes], list[Handler]]]:
             buf = b""
             while not stop.is_set():
                 while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
+                    try:
+                        data = conn.recv(65536)
+                    except ConnectionResetError:  # the client dropped one it found stale
+                        return
                     if not data:
                         return
                     buf += data
@@ -116,4 +119,67 @@ def test_a_server_that_never_answers_is_a_retry_within_the_timeout(server):
         assert seen == [b"tok"]
     finally:
         hold.set()
+        client.close()
+
+
+def _answer_then(after: Callable[[socket.socket], None]) -> Handler:
+    def handler(conn: socket.socket, _req: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        after(conn)
+
+    return handler
+
+
+def test_a_connection_the_server_closed_while_idle_is_reopened_before_the_request(server):
+    port, seen, handlers = server
+    closed = threading.Event()
+
+    def close(conn: socket.socket) -> None:
+        conn.shutdown(socket.SHUT_RDWR)  # its keep-alive timeout, after the answer
+        closed.set()
+
+    handlers.append(_answer_then(close))
+    client = PlainHttpClient(f"http://127.0.0.1:{port}/notify", 5.0)
+    try:
+        assert client.push("tok-1").outcome is Outcome.SENT
+        assert closed.wait(10)
+        assert client.push("tok-2").outcome is Outcome.SENT  # not lost to the closed one
+        assert seen == [b"tok-1", b"tok-2"]
+    finally:
+        client.close()
+
+
+def test_a_connection_with_bytes_nobody_asked_for_is_reopened_before_the_request(server):
+    port, seen, handlers = server
+    kept: list[socket.socket] = []
+    handlers.append(_answer_then(kept.append))
+    client = PlainHttpClient(f"http://127.0.0.1:{port}/notify", 5.0)
+    try:
+        assert client.push("tok-1").outcome is Outcome.SENT
+        # While idle, the server says something (a 408 before closing, say): not the
+        # answer to the next request, which goes on a new connection.
+        kept[0].sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        assert client.push("tok-2").outcome is Outcome.SENT
+        assert seen == [b"tok-1", b"tok-2"]
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="Linux's TCP_INFO")
+def test_the_idle_check_of_a_kept_connection_is_no_poll(server):
+    """A poll released the GIL (a hand-off to the dict server's loop per push)."""
+    port, seen, _ = server
+    client = PlainHttpClient(f"http://127.0.0.1:{port}/notify", 5.0)
+
+    class NoPoll:
+        def poll(self, timeout: int) -> list:
+            raise AssertionError("poll called")
+
+    try:
+        assert client.push("tok-1").outcome is Outcome.SENT
+        client._readable = NoPoll()  # type: ignore[assignment]
+        assert client.push("tok-2").outcome is Outcome.SENT
+        assert client.push("tok-3").outcome is Outcome.SENT
+        assert seen == [b"tok-1", b"tok-2", b"tok-3"]
+    finally:
         client.close()
