@@ -152,10 +152,17 @@ def test_a_connection_the_server_closed_while_idle_is_reopened_before_the_reques
 def test_a_connection_with_bytes_nobody_asked_for_is_reopened_before_the_request(server):
     port, seen, handlers = server
     kept: list[socket.socket] = []
-    handlers.append(_answer_then(kept.append))
+    held = threading.Event()
+
+    def keep(conn: socket.socket) -> None:
+        kept.append(conn)
+        held.set()
+
+    handlers.append(_answer_then(keep))
     client = PlainHttpClient(f"http://127.0.0.1:{port}/notify", 5.0)
     try:
         assert client.push("tok-1").outcome is Outcome.SENT
+        assert held.wait(10)  # the server thread keeps it after the answer went out
         # While idle, the server says something (a 408 before closing, say): not the
         # answer to the next request, which goes on a new connection.
         kept[0].sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
