@@ -44,7 +44,7 @@ def test_a_waiter_for_a_later_item_takes_it_when_due_and_close_wakes_everyone() 
     taken: list[str] = []
     taker = threading.Thread(target=lambda: taken.append(queue.get()))
     taker.start()
-    time.sleep(0.05)
+    wait_until(lambda: queue.idle_takers() == 1)  # waiting in get()
     assert taken == []  # not due yet
     now[0] = 100.3
     taker.join(10)  # its timed wait ends at the due time (about 0.2 s)
